@@ -1,0 +1,375 @@
+"""Built-in photos, image I/O and the crops the model trains and is evaluated on.
+
+The photos are real images that ship inside pip packages (scikit-image, scikit-learn, matplotlib), so
+training and evaluation need no download. Only numpy and pillow are imported at module load; the
+package that holds a photo is located when that photo is first asked for.
+
+Array conventions: an image is ``uint8 [H, W, 3]`` RGB; a model batch is ``float32 [B, 3, H, W]`` in
+``[-1, 1]``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import struct
+import tempfile
+import zlib
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont, ImageOps
+
+from .errors import ImageError, ShapeError
+
+# name -> (package, file inside that package's sample-data folder)
+PHOTOS: dict[str, tuple[str, str]] = {
+    "astronaut": ("skimage", "astronaut.png"),
+    "coffee": ("skimage", "coffee.png"),
+    "chelsea": ("skimage", "chelsea.png"),
+    "rocket": ("skimage", "rocket.jpg"),
+    "motorcycle_left": ("skimage", "motorcycle_left.png"),
+    "motorcycle_right": ("skimage", "motorcycle_right.png"),
+    "hubble_deep_field": ("skimage", "hubble_deep_field.jpg"),
+    "retina": ("skimage", "retina.jpg"),
+    "ihc": ("skimage", "ihc.png"),
+    "camera": ("skimage", "camera.png"),        # grayscale, returned as RGB
+    "brick": ("skimage", "brick.png"),          # grayscale, returned as RGB
+    "grass": ("skimage", "grass.png"),          # grayscale, returned as RGB
+    "gravel": ("skimage", "gravel.png"),        # grayscale, returned as RGB
+    "china": ("sklearn", "china.jpg"),
+    "flower": ("sklearn", "flower.jpg"),
+    "grace_hopper": ("matplotlib", "grace_hopper.jpg"),
+}
+# Never used in training: the held-out evaluation measures generalisation, not memorisation.
+HELDOUT_PHOTOS: tuple[str, ...] = ("chelsea", "grace_hopper")
+TRAIN_PHOTOS: tuple[str, ...] = tuple(n for n in PHOTOS if n not in HELDOUT_PHOTOS)
+
+_PIP_NAMES = {"skimage": "scikit-image", "sklearn": "scikit-learn", "matplotlib": "matplotlib"}
+# What PIL raises on a truncated or corrupt file differs by format and decoder.
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error, zlib.error)
+
+
+# ----------------------------------------------------------------------------- photos
+
+def _photo_path(package: str, file: str) -> str:
+    """The path of ``file`` in ``package``'s bundled sample data; ImageError if not installed."""
+    if package not in _PIP_NAMES:
+        raise ImageError(f"unknown photo package {package!r}; expected one of {sorted(_PIP_NAMES)}")
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.submodule_search_locations is None:
+        raise ImageError(f"photo file {file!r} ships with {_PIP_NAMES[package]}, which is not "
+                         f"installed (pip install {_PIP_NAMES[package]})")
+    if package == "skimage":
+        import skimage.data
+
+        return os.path.join(os.path.dirname(skimage.data.__file__), file)
+    if package == "sklearn":
+        # The folder sklearn.datasets.load_sample_images() reads. Importing sklearn.datasets costs
+        # ~2 s (it pulls in scipy), so find the folder from the package's location instead.
+        return os.path.join(next(iter(spec.submodule_search_locations)), "datasets", "images", file)
+    import matplotlib.cbook  # package == "matplotlib"
+
+    return str(matplotlib.cbook.get_sample_data(file, asfileobj=False))
+
+
+def load_photo(name: str) -> np.ndarray:
+    """Load a built-in photo by name (a key of ``PHOTOS``).
+
+    Returns uint8 [H, W, 3] RGB (the grayscale photos are repeated over three channels).
+    Raises ImageError for an unknown name (listing the known ones) or a missing package.
+    """
+    if name not in PHOTOS:
+        raise ImageError(f"unknown photo {name!r}; known photos: {', '.join(PHOTOS)}")
+    package, file = PHOTOS[name]
+    return load_image(_photo_path(package, file))
+
+
+# ----------------------------------------------------------------------------- reading
+
+def _to_rgb(im: Image.Image, path: str) -> np.ndarray:
+    """Convert a decoded PIL image of any common mode to uint8 [H, W, 3] RGB."""
+    mode = im.mode
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        # 16-bit grayscale (PNG/TIFF). PIL's own convert("L") clips at 255 instead of scaling, which
+        # turns most 16-bit images white; map 0..65535 linearly onto 0..255 instead.
+        arr = np.asarray(im).astype(np.float64)
+        gray = np.clip(np.rint(arr / 257.0), 0, 255).astype(np.uint8)
+        return np.repeat(gray[:, :, None], 3, axis=2)
+    if mode == "F":
+        raise ImageError(f"{path}: floating-point image (mode 'F') has no fixed value range; "
+                         f"expected an 8-bit or 16-bit image")
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info:
+        # Composite onto white: a transparent background is meant to be invisible, and black
+        # (what dropping alpha gives for most files) would read as content.
+        rgba = np.asarray(im.convert("RGBA")).astype(np.float64)  # [H, W, 4]
+        alpha = rgba[:, :, 3:] / 255.0
+        rgb = rgba[:, :, :3] * alpha + 255.0 * (1.0 - alpha)
+        return np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
+    if mode != "RGB":
+        try:
+            im = im.convert("RGB")
+        except ValueError as e:
+            raise ImageError(f"{path}: cannot convert image mode {mode!r} to RGB ({e})") from e
+    return np.asarray(im, dtype=np.uint8).copy()
+
+
+def load_image(path: str | os.PathLike[str], min_size: int = 1) -> np.ndarray:
+    """Read any PIL-readable image file as uint8 [H, W, 3] RGB.
+
+    Modes are converted: L/1/P/CMYK/YCbCr via PIL, alpha (RGBA, LA, P with transparency) composited
+    onto white, 16-bit grayscale scaled to 8 bit. The EXIF orientation is applied, so a phone photo
+    comes out the way it is displayed. Multi-frame files give their first frame.
+
+    Raises ImageError naming the path for a missing file, a directory, a non-image, a truncated or
+    corrupt file, an unconvertible mode, or an image whose shorter side is under ``min_size``.
+    """
+    p = os.fspath(path)
+    if not os.path.exists(p):
+        raise ImageError(f"{p}: no such file")
+    if os.path.isdir(p):
+        raise ImageError(f"{p}: is a directory, expected an image file")
+    try:
+        with Image.open(p) as f:
+            f.load()  # decode now: a truncated file fails here, not later in a worker
+            arr = _to_rgb(ImageOps.exif_transpose(f), p)
+    except ImageError:
+        raise
+    except Image.UnidentifiedImageError as e:
+        raise ImageError(f"{p}: not an image file PIL can read") from e
+    except Image.DecompressionBombError as e:
+        raise ImageError(f"{p}: image too large to decode safely ({e})") from e
+    except _DECODE_ERRORS as e:
+        raise ImageError(f"{p}: truncated or corrupt image ({type(e).__name__}: {e})") from e
+    h, w = arr.shape[:2]
+    if min(h, w) < min_size:
+        raise ImageError(f"{p}: image is {w}x{h} pixels, expected both sides >= {min_size}")
+    return arr
+
+
+# ----------------------------------------------------------------------------- conversions
+
+def _check_image(img: np.ndarray, what: str) -> np.ndarray:
+    """Return ``img`` as an ndarray after checking it is uint8 [H, W, 3]; ShapeError otherwise."""
+    arr = np.asarray(img)
+    if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] != 3:
+        raise ShapeError(f"{what}: expected a uint8 [H, W, 3] image, got {arr.dtype} {arr.shape}")
+    return arr
+
+
+def to_model_range(images: np.ndarray) -> np.ndarray:
+    """uint8 [B, H, W, 3] or [H, W, 3] -> float32 [B, 3, H, W] in [-1, 1] (0 -> -1, 255 -> 1)."""
+    arr = np.asarray(images)
+    if arr.ndim == 3:
+        arr = arr[None]
+    if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[3] != 3:
+        raise ShapeError(f"to_model_range: expected uint8 [B, H, W, 3] or [H, W, 3], "
+                         f"got {np.asarray(images).dtype} {np.asarray(images).shape}")
+    x = arr.transpose(0, 3, 1, 2).astype(np.float32)  # [B, 3, H, W]
+    return x / np.float32(127.5) - np.float32(1.0)
+
+
+def from_model_range(x: np.ndarray) -> np.ndarray:
+    """float [B, 3, H, W] in [-1, 1] -> uint8 [B, H, W, 3] (clipped, rounded to nearest).
+
+    Accepts anything ``np.asarray`` takes (a CPU torch tensor without grad works). Raises ShapeError
+    for another layout and ImageError if the batch holds NaN or inf (a bug upstream, not an image).
+    """
+    arr = np.asarray(x, dtype=np.float64)
+    if arr.ndim != 4 or arr.shape[1] != 3:
+        raise ShapeError(f"from_model_range: expected float [B, 3, H, W], got shape {arr.shape}")
+    if not np.isfinite(arr).all():
+        raise ImageError(f"from_model_range: batch has {int((~np.isfinite(arr)).sum())} "
+                         f"non-finite values")
+    u8 = np.clip(np.rint((arr + 1.0) * 127.5), 0, 255).astype(np.uint8)
+    return np.ascontiguousarray(u8.transpose(0, 2, 3, 1))  # [B, H, W, 3]
+
+
+def _downscale(img: np.ndarray, scale: float) -> np.ndarray:
+    """Resize uint8 [H, W, 3] by ``scale`` (PIL BICUBIC, which antialiases when shrinking)."""
+    if scale == 1.0:
+        return img
+    h, w = img.shape[:2]
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    return np.asarray(Image.fromarray(img).resize(size, resample=Image.Resampling.BICUBIC))
+
+
+def resize_center_crop(img: np.ndarray, size: int) -> np.ndarray:
+    """ADM's ``center_crop_arr``: uint8 [H, W, 3] -> uint8 [size, size, 3].
+
+    While the shorter side is at least ``2 * size`` the image is halved with BOX filtering (as ADM
+    does, ``>=``), then resized with BICUBIC so the shorter side equals ``size``, then center-cropped.
+    """
+    arr = _check_image(img, "resize_center_crop")
+    if size < 1:
+        raise ShapeError(f"resize_center_crop: size must be >= 1, got {size}")
+    pil = Image.fromarray(arr)
+    while min(pil.size) >= 2 * size:
+        pil = pil.resize((pil.width // 2, pil.height // 2), resample=Image.Resampling.BOX)
+    k = size / min(pil.size)
+    pil = pil.resize((round(pil.width * k), round(pil.height * k)), resample=Image.Resampling.BICUBIC)
+    out = np.asarray(pil)
+    y = (out.shape[0] - size) // 2
+    x = (out.shape[1] - size) // 2
+    return np.ascontiguousarray(out[y:y + size, x:x + size])
+
+
+# ----------------------------------------------------------------------------- crops
+
+class CropSampler:
+    """Random training crops from a fixed set of photos, with the downscaled copies cached.
+
+    Each crop picks a random image, then a random scale among those at which that image is still at
+    least ``size`` pixels on both sides (scales too small for an image are skipped for it), then a
+    random position and, if ``flip``, a random horizontal flip. Sampling after construction is pure
+    numpy slicing, so it is cheap enough to call every training step.
+
+    Raises ShapeError for a non-image input or bad size/scales, ImageError for an image too small
+    for ``size`` at every scale.
+    """
+
+    def __init__(self, images: Sequence[np.ndarray], size: int,
+                 scales: Sequence[float] = (1.0, 0.5, 0.25), flip: bool = True) -> None:
+        if len(images) == 0:
+            raise ShapeError("CropSampler: expected at least one image, got none")
+        if size < 1:
+            raise ShapeError(f"CropSampler: size must be >= 1, got {size}")
+        if len(scales) == 0 or any(not 0.0 < s <= 1.0 for s in scales):
+            raise ShapeError(f"CropSampler: scales must be a non-empty list in (0, 1], got {scales}")
+        self.size = size
+        self.scales = tuple(float(s) for s in scales)
+        self.flip = flip
+        # levels[i] = downscaled copies of image i (uint8 [h, w, 3]) large enough for a crop
+        self.levels: list[list[np.ndarray]] = []
+        for i, img in enumerate(images):
+            arr = _check_image(img, f"CropSampler image {i}")
+            level = [d for d in (_downscale(arr, s) for s in self.scales)
+                     if d.shape[0] >= size and d.shape[1] >= size]
+            if not level:
+                raise ImageError(f"CropSampler image {i}: {arr.shape[1]}x{arr.shape[0]} pixels is "
+                                 f"smaller than a {size}x{size} crop at every scale {self.scales}")
+            self.levels.append(level)
+
+    def sample(self, n: int, rng: np.random.Generator) -> np.ndarray:
+        """Draw ``n`` crops -> float32 [n, 3, size, size] in [-1, 1]; same rng state, same crops."""
+        s = self.size
+        # One vectorised draw per decision: reproducible and independent of how levels are laid out.
+        img_idx = rng.integers(0, len(self.levels), size=n)
+        u_scale, u_y, u_x = rng.random(n), rng.random(n), rng.random(n)
+        flips = rng.random(n) < 0.5 if self.flip else np.zeros(n, dtype=bool)
+        out = np.empty((n, s, s, 3), dtype=np.uint8)
+        for k in range(n):
+            level = self.levels[img_idx[k]]
+            src = level[min(int(u_scale[k] * len(level)), len(level) - 1)]
+            y = min(int(u_y[k] * (src.shape[0] - s + 1)), src.shape[0] - s)
+            x = min(int(u_x[k] * (src.shape[1] - s + 1)), src.shape[1] - s)
+            crop = src[y:y + s, x:x + s]
+            out[k] = crop[:, ::-1] if flips[k] else crop
+        return to_model_range(out)
+
+
+def random_crops(images: Sequence[np.ndarray], size: int, n: int, rng: np.random.Generator,
+                 scales: Sequence[float] = (1.0, 0.5, 0.25), flip: bool = True) -> np.ndarray:
+    """One-shot ``CropSampler(images, size, scales, flip).sample(n, rng)``: float32 [n, 3, size, size].
+
+    This redoes the downscaling each call; a training loop should build one CropSampler instead.
+    """
+    return CropSampler(images, size, scales, flip).sample(n, rng)
+
+
+def _grid_shape(n: int, aspect: float) -> tuple[int, int]:
+    """(rows, cols) with rows * cols == n whose cols / rows is closest to ``aspect`` (= W / H)."""
+    pairs = [(n // c, c) for c in range(1, n + 1) if n % c == 0]
+    return min(pairs, key=lambda rc: abs(np.log(rc[1] / rc[0]) - np.log(aspect)))
+
+
+def eval_crops(names: Sequence[str], size: int, per_image: int = 8,
+               scale: float = 0.5) -> np.ndarray:
+    """Deterministic crops of built-in photos -> float32 [len(names) * per_image, 3, size, size].
+
+    Each photo is downscaled by ``scale`` and cut into ``per_image`` crops whose corners lie on an
+    evenly spaced rows x cols grid (rows * cols == per_image, shaped like the photo), in row-major
+    order. No randomness, so every run and every backend sees the same evaluation set.
+    Raises ImageError for an unknown photo or one smaller than ``size`` after downscaling.
+    """
+    if per_image < 1:
+        raise ShapeError(f"eval_crops: per_image must be >= 1, got {per_image}")
+    crops = []
+    for name in names:
+        img = _downscale(load_photo(name), scale)
+        h, w = img.shape[:2]
+        if min(h, w) < size:
+            raise ImageError(f"eval_crops: photo {name!r} is {w}x{h} after scale {scale}, "
+                             f"smaller than a {size}x{size} crop")
+        rows, cols = _grid_shape(per_image, w / h)
+        ys = np.rint(np.linspace(0, h - size, rows)).astype(int) if rows > 1 else [(h - size) // 2]
+        xs = np.rint(np.linspace(0, w - size, cols)).astype(int) if cols > 1 else [(w - size) // 2]
+        crops += [img[y:y + size, x:x + size] for y in ys for x in xs]
+    if not crops:
+        return np.zeros((0, 3, size, size), dtype=np.float32)
+    return to_model_range(np.stack(crops))
+
+
+# ----------------------------------------------------------------------------- writing
+
+def _save_atomic(path: str | os.PathLike[str], pil: Image.Image) -> None:
+    """Save via a temp file in the target folder, then os.replace: readers never see half a file."""
+    p = Path(path)
+    fmt = Image.registered_extensions().get(p.suffix.lower())
+    if fmt is None:
+        raise ImageError(f"{p}: unknown image file extension {p.suffix!r}; expected e.g. .png")
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            pil.save(f, format=fmt)
+        os.replace(tmp, p)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_image(path: str | os.PathLike[str], img: np.ndarray) -> None:
+    """Write a uint8 [H, W, 3] image; the format comes from the extension. Atomic."""
+    _save_atomic(path, Image.fromarray(_check_image(img, f"save_image {os.fspath(path)}")))
+
+
+def save_grid(path: str | os.PathLike[str], rows: Sequence[Sequence[np.ndarray]], pad: int = 2,
+              labels: Sequence[str] | None = None) -> None:
+    """Write rows of uint8 [H, W, 3] images as one image on white, ``pad`` pixels apart. Atomic.
+
+    Images may differ in size: each row is as tall as its tallest image and images are top-aligned.
+    ``labels`` (one per row) are drawn in black with PIL's default font in a column on the left.
+    Raises ShapeError for no rows, a non-image cell, or a label count that differs from the rows.
+    """
+    if len(rows) == 0 or any(len(r) == 0 for r in rows):
+        raise ShapeError("save_grid: expected at least one row, each with at least one image")
+    if labels is not None and len(labels) != len(rows):
+        raise ShapeError(f"save_grid: got {len(labels)} labels for {len(rows)} rows")
+    cells = [[_check_image(im, f"save_grid row {i} image {j}") for j, im in enumerate(r)]
+             for i, r in enumerate(rows)]
+    font = ImageFont.load_default()
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    label_w = 0
+    if labels is not None:
+        label_w = max(int(probe.textbbox((0, 0), t, font=font)[2]) for t in labels) + pad
+    row_h = [max(im.shape[0] for im in r) for r in cells]
+    row_w = [sum(im.shape[1] for im in r) + pad * (len(r) - 1) for r in cells]
+    width = pad + label_w + max(row_w) + pad
+    height = pad + sum(row_h) + pad * (len(cells) - 1) + pad
+    canvas = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    y = pad
+    for i, r in enumerate(cells):
+        if labels is not None:
+            top, bottom = probe.textbbox((0, 0), labels[i], font=font)[1::2]
+            draw.text((pad, y + (row_h[i] - (bottom - top)) // 2 - top), labels[i],
+                      fill=(0, 0, 0), font=font)
+        x = pad + label_w
+        for im in r:
+            canvas.paste(Image.fromarray(im), (x, y))
+            x += im.shape[1] + pad
+        y += row_h[i] + pad
+    _save_atomic(path, canvas)

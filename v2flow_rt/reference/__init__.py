@@ -1,0 +1,1 @@
+"""PyTorch reference model, codecs, checkpoint I/O and training (needs the ``torch`` extra)."""

@@ -1,0 +1,165 @@
+"""The one masked-autoregressive rectified-flow sampling loop (numpy + stage callables).
+
+Every backend runs this loop; only the stage executors differ. A backend provides:
+
+- ``mar_step(tokens [B,L,C], mask [B,L] bool, buffer [B,N,D]) -> z [B,L,Dz]``: the masked transformer
+  (True in ``mask`` = token unknown; ``buffer`` is the visual-token condition or ``fake_latent``
+  repeated for the unconditional branch);
+- ``velocity(x [M,C], t [M], c [M,Dz]) -> v [M,C]`` with ``t = σ·1000``;
+- optionally ``ode(noise [M,C], z [M,Dz], z_uncond [M,Dz] | None, cfg_scale) -> x0 [M,C]``, a fused solve
+  of all ODE steps (one call per AR iteration instead of one per step);
+- ``fake_latent``: the learned unconditional vector [D].
+
+All randomness (orders, noise) comes from one seeded ``numpy.random.Generator``, so the same seed gives
+the same result on every backend.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any, Protocol
+
+import numpy as np
+
+from ..errors import ConfigError, ShapeError
+from .schedule import mask_from_order, mask_lengths, random_orders
+from .solvers import SOLVER_FUNCS, integrate
+
+
+class Stages(Protocol):
+    fake_latent: np.ndarray
+
+    def mar_step(self, tokens: np.ndarray, mask: np.ndarray, buffer: np.ndarray) -> np.ndarray: ...
+
+    def velocity(self, x: np.ndarray, t: np.ndarray, c: np.ndarray) -> np.ndarray: ...
+
+
+OdeFn = Callable[[np.ndarray, np.ndarray, "np.ndarray | None", float], np.ndarray]
+
+
+@dataclass(frozen=True)
+class SamplerSettings:
+    """How to sample. ``cfg_mode='official'`` is V2Flow's linear_flow path: guidance at every ODE
+    evaluation with ``fake_latent`` fed straight to the velocity net as the unconditional ``c``;
+    ``'mar'`` runs the masked transformer a second time on the ``fake_latent`` buffer (MAR-style)."""
+
+    num_iter: int = 4
+    steps: int = 20
+    solver: str = "dpm++2m"
+    shift: float = 3.0
+    cfg_scale: float = 1.0
+    cfg_mode: str = "official"
+    cfg_schedule: str = "constant"
+    temperature: float = 1.0
+
+    @classmethod
+    def from_config(cls, cfg: Any, **overrides: Any) -> "SamplerSettings":
+        base = cls(num_iter=cfg.num_iter, steps=cfg.ode_steps, solver=cfg.solver, shift=cfg.time_shift,
+                   cfg_scale=cfg.cfg_scale, cfg_mode=cfg.cfg_mode, cfg_schedule=cfg.cfg_schedule,
+                   temperature=cfg.temperature)
+        return replace(base, **{k: v for k, v in overrides.items() if v is not None}).check()
+
+    def check(self) -> "SamplerSettings":
+        if self.solver not in SOLVER_FUNCS:
+            raise ConfigError(f"unknown solver {self.solver!r}; choose one of {sorted(SOLVER_FUNCS)}")
+        if self.cfg_mode not in ("official", "mar"):
+            raise ConfigError(f"cfg_mode must be 'official' or 'mar', got {self.cfg_mode!r}")
+        if self.cfg_schedule not in ("constant", "linear"):
+            raise ConfigError(f"cfg_schedule must be 'constant' or 'linear', got {self.cfg_schedule!r}")
+        if self.steps < 1 or self.num_iter < 1:
+            raise ConfigError(f"steps and num_iter must be >= 1, got {self.steps} and {self.num_iter}")
+        if self.temperature < 0:
+            raise ConfigError(f"temperature must be >= 0, got {self.temperature}")
+        return self
+
+    @property
+    def guided(self) -> bool:
+        return self.cfg_scale != 1.0
+
+
+def guided_velocity(velocity: Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray],
+                    z: np.ndarray, z_uncond: np.ndarray | None, scale: float,
+                    ) -> Callable[[np.ndarray, float], np.ndarray]:
+    """f(x, σ) for the solvers: one batched call of [cond; uncond] rows when guided, no wasted halves."""
+    m = z.shape[0]
+    zz = z if z_uncond is None else np.concatenate([z, z_uncond], axis=0)
+
+    def f(x: np.ndarray, sigma: float) -> np.ndarray:
+        xx = x if z_uncond is None else np.concatenate([x, x], axis=0)
+        t = np.full((xx.shape[0],), sigma * 1000.0, dtype=np.float32)
+        v = velocity(xx.astype(np.float32, copy=False), t, zz)
+        if z_uncond is None:
+            return v
+        return v[m:] + scale * (v[:m] - v[m:])
+
+    return f
+
+
+def host_ode(velocity: Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray],
+             settings: SamplerSettings) -> OdeFn:
+    """An ``ode`` callable that runs the solver on the host, calling ``velocity`` once per evaluation."""
+    def ode(noise: np.ndarray, z: np.ndarray, z_uncond: np.ndarray | None, scale: float) -> np.ndarray:
+        f = guided_velocity(velocity, z, z_uncond, scale)
+        return integrate(settings.solver, f, noise, settings.steps, settings.shift)
+    return ode
+
+
+def sample_tokens(stages: Stages, buffer: np.ndarray, settings: SamplerSettings, seed: int | None = 0,
+                  token_dim: int | None = None, ode: OdeFn | None = None,
+                  on_iteration: Callable[[int, np.ndarray], None] | None = None) -> np.ndarray:
+    """Generate every token of a batch by masked-AR iterations of per-token ODE solves.
+
+    Args:
+        stages: the backend's stage callables (see module docstring).
+        buffer: the visual-token condition [B, N, D] (projector output), float32.
+        settings: sampling settings.
+        seed: seed of the orders and noise (None draws a fresh one).
+        token_dim: C, the per-token latent size (taken from the first ``mar_step`` otherwise unknown:
+            must be given).
+        ode: a fused solver; defaults to the host solver over ``stages.velocity``.
+        on_iteration: called as ``on_iteration(k, pred_mask [B,L])`` before each iteration's ODE solve.
+
+    Returns:
+        tokens [B, L, C] float32: the sampled latent tokens (still multiplied by the latent scale).
+    """
+    settings = settings.check()
+    if buffer.ndim != 3:
+        raise ShapeError(f"buffer must be [B, N, D], got shape {buffer.shape}")
+    if token_dim is None:
+        raise ShapeError("token_dim (values per token) must be given")
+    bsz, seq_len = buffer.shape[0], buffer.shape[1]
+    rng = np.random.default_rng(seed)
+    ode = ode or host_ode(stages.velocity, settings)
+    buffer = np.ascontiguousarray(buffer, dtype=np.float32)
+    fake = np.asarray(stages.fake_latent, dtype=np.float32).reshape(-1)
+    fake_buffer = np.broadcast_to(fake, buffer.shape).astype(np.float32) if settings.guided else None
+
+    orders = random_orders(rng, bsz, seq_len)
+    mask = np.ones((bsz, seq_len), dtype=bool)
+    tokens = np.zeros((bsz, seq_len, token_dim), dtype=np.float32)
+    for k, next_len in enumerate(mask_lengths(seq_len, settings.num_iter)):
+        z = stages.mar_step(tokens, mask, buffer)                               # [B, L, Dz]
+        mask_next = mask_from_order(orders, next_len)
+        pred = mask & ~mask_next                                                # [B, L]
+        if on_iteration is not None:
+            on_iteration(k, pred)
+        z_pred = z[pred]                                                        # [M, Dz], (b, pos) order
+        scale = settings.cfg_scale
+        if settings.cfg_schedule == "linear":
+            scale = 1.0 + (settings.cfg_scale - 1.0) * (seq_len - next_len) / seq_len
+        z_uncond = None
+        if scale != 1.0:
+            if fake_buffer is not None and settings.cfg_mode == "mar":
+                z_uncond = stages.mar_step(tokens, mask, fake_buffer)[pred]
+            else:
+                if fake.shape[0] != z_pred.shape[1]:
+                    raise ConfigError(
+                        f"official CFG feeds fake_latent (dim {fake.shape[0]}) to the velocity net, whose "
+                        f"condition dim is {z_pred.shape[1]}; use cfg_mode='mar'")
+                z_uncond = np.broadcast_to(fake, z_pred.shape).astype(np.float32)
+        noise = rng.standard_normal((z_pred.shape[0], token_dim)).astype(np.float32)
+        x0 = ode(noise * np.float32(settings.temperature), z_pred, z_uncond, scale)
+        tokens[pred] = np.asarray(x0, dtype=np.float32)
+        mask = mask_next
+    return tokens
