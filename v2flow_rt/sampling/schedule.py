@@ -55,21 +55,3 @@ def mask_from_order(orders: np.ndarray, num_masked: int) -> np.ndarray:
     np.put_along_axis(mask, orders[:, :num_masked], True, axis=1)
     return mask
 
-
-def truncnorm_mask_ratio(rng: np.random.Generator, low: float = 0.7, high: float = 1.0,
-                         mean: float = 1.0, std: float = 0.25) -> float:
-    """One training mask ratio from a Gaussian truncated to [low, high] (inverse-CDF sampling)."""
-    def cdf(x: float) -> float:
-        return 0.5 * (1.0 + math.erf((x - mean) / (std * math.sqrt(2.0))))
-
-    lo, hi = cdf(low), cdf(high)
-    u = lo + (hi - lo) * float(rng.random())
-    # Invert the normal CDF by bisection: 60 halvings are far below float precision.
-    a, b = low, high
-    for _ in range(60):
-        mid = 0.5 * (a + b)
-        if cdf(mid) < u:
-            a = mid
-        else:
-            b = mid
-    return 0.5 * (a + b)
