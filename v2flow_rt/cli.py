@@ -34,7 +34,7 @@ def _cmd_train(a: argparse.Namespace) -> int:
 def _cmd_eval(a: argparse.Namespace) -> int:
     from .reference.evaluate import evaluate
 
-    report = evaluate(a.model, per_image=a.per_image, seed=a.seed, temperature=a.temperature,
+    report = evaluate(a.model, per_image=a.per_image, seed=a.seed, grid_png=a.grid, temperature=a.temperature,
                       steps=a.steps, solver=a.solver)
     if a.json:
         print(json.dumps(report, indent=2))
@@ -47,7 +47,8 @@ def _cmd_eval(a: argparse.Namespace) -> int:
 def _cmd_reconstruct(a: argparse.Namespace) -> int:
     from .reference.evaluate import reconstruct_file
 
-    psnr = reconstruct_file(a.model, a.image, a.out, seed=a.seed, temperature=a.temperature)
+    psnr = reconstruct_file(a.model, a.image, a.out, seed=a.seed, side_by_side=a.side_by_side,
+                            temperature=a.temperature)
     print(f"wrote {a.out} (PSNR {psnr:.2f} dB against the resized input)")
     return 0
 
@@ -80,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=None)
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--solver", default=None)
+    p.add_argument("--grid", help="also write a PNG grid: originals, grid baseline, reconstructions")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_eval)
 
@@ -89,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="default")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--side-by-side", action="store_true", help="write input and reconstruction side by side")
     p.set_defaults(func=_cmd_reconstruct)
     return parser
 

@@ -121,6 +121,11 @@ def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
 class CosineCodebook(nn.Module):
     """Buffers of lucidrains' CosineSimCodebook: unit-norm codes updated by EMA (never by gradient)."""
 
+    initted: torch.Tensor
+    cluster_size: torch.Tensor
+    embed_avg: torch.Tensor
+    embed: torch.Tensor
+
     def __init__(self, size: int, dim: int, decay: float, dead_code_threshold: float = 0.0) -> None:
         super().__init__()
         self.decay = decay

@@ -47,7 +47,8 @@ class TrainSettings:
 
 def param_groups(model: V2Flow, weight_decay: float) -> list[dict[str, Any]]:
     """No decay on 1-D parameters and biases (norms, biases)."""
-    decay, no_decay = [], []
+    decay: list[torch.nn.Parameter] = []
+    no_decay: list[torch.nn.Parameter] = []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any
 
 import numpy as np
 
 from ..errors import ConfigError
 
-T = TypeVar("T")  # np.ndarray or torch.Tensor: anything with arithmetic operators
+T = Any  # np.ndarray or torch.Tensor: anything with arithmetic operators by Python floats
 
 
 def shift_sigma(s: np.ndarray | float, shift: float) -> np.ndarray | float:
@@ -65,7 +65,7 @@ def dpm_solver_pp_2m(f: Callable[[T, float], T], x: T, sigmas: np.ndarray) -> T:
     ``x0̂ + (x0̂ − x0̂_prev)/(2r)``, r = h_prev/h (second order). The step to σ = 0 returns x0̂ itself.
     """
     x0_prev: T | None = None
-    h_prev = 0.0
+    h_prev: float = 0.0
     n = len(sigmas) - 1
     for i in range(n):
         s, s_next = float(sigmas[i]), float(sigmas[i + 1])

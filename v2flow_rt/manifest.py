@@ -1,0 +1,271 @@
+"""What an exported folder holds: ``manifest.json`` with the config, the stage contract, file hashes, versions,
+parity and quality figures. Numpy and json only (the runtime reads it without torch or onnx).
+
+Layout of an export folder::
+
+    manifest.json                   written last: its presence means every listed graph was validated
+    {stage}.{precision}.onnx        one graph per stage and precision
+    {stage}.{precision}.onnx.data   external weights, only for graphs over ~1.8 GB
+
+``Manifest.load`` checks that every listed file exists and (``verify=True``) that its sha256 matches, so
+a truncated copy or flipped bytes are reported by file name before any session is built.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .config import V2FlowConfig
+from .errors import ArtifactError, ConfigError
+from .stages import StageSpec, stage_specs
+
+MANIFEST_NAME = "manifest.json"
+FORMAT_VERSION = 1
+PRECISIONS = ("fp32", "fp16", "int8", "int8-qdq")
+_ASSETS = Path(__file__).resolve().parent / "assets"
+_WEIGHTS_NAME = "model.safetensors"
+
+
+# ----------------------------------------------------------------------------- hashing
+
+def file_sha256(path: str | os.PathLike[str], chunk: int = 1 << 22) -> str:
+    """Hex sha256 of a file, read in 4 MiB chunks (graphs can be several GB)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def checkpoint_sha256(path: str | os.PathLike[str]) -> str:
+    """The identity of a checkpoint: sha256 of a file, or of ``model.safetensors`` in a model folder.
+
+    ``"default"`` names the bundled model. Raises ArtifactError if there is nothing to hash.
+    """
+    p = _ASSETS / "default" if str(path) == "default" else Path(path)
+    if p.is_dir():
+        p = p / _WEIGHTS_NAME
+    if not p.is_file():
+        raise ArtifactError(f"checkpoint {p} does not exist (expected a model folder with {_WEIGHTS_NAME} or a file)")
+    return file_sha256(p)
+
+
+# ----------------------------------------------------------------------------- stage records
+
+def record_stage(spec: StageSpec) -> dict[str, Any]:
+    """A JSON-ready record of a stage spec (what the graph's I/O were exported as)."""
+    def tensors(ts: Any) -> list[list[Any]]:
+        return [[t.name, t.dtype, list(t.shape)] for t in ts]
+
+    rec = {"inputs": tensors(spec.inputs), "outputs": tensors(spec.outputs),
+           "dims": {k: list(v) for k, v in spec.dims.items()}, "attrs": dict(spec.attrs)}
+    return json.loads(json.dumps(rec))  # normalise tuples and numpy scalars the way a reload sees them
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    """Write through a temp file in the same folder, then rename: a reader never sees half a manifest."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# ----------------------------------------------------------------------------- manifest
+
+@dataclass
+class Manifest:
+    """The description of one export folder.
+
+    Attributes:
+        config: the model config the graphs were exported from.
+        stages: stage name → recorded spec (``record_stage``): I/O names, dtypes, symbolic shapes, dim
+            ranges, baked-in attrs (solver, steps, shift).
+        stage_options: the ``stage_specs`` keyword arguments (max_batch, steps, ...) that rebuild them.
+        files: precision → stage → file name relative to the folder.
+        sha256: file name (graphs and their ``.onnx.data``) → hex sha256.
+        opset: ONNX opset of the graphs.
+        source_checkpoint_sha256: ``checkpoint_sha256`` of the exported checkpoint (or of its state dict).
+        source_checkpoint: the checkpoint path at export time ("" for an in-memory model).
+        versions: package, torch, onnx, onnxruntime, python versions at export.
+        parity: precision → stage → {"random": {...}, "photo": {...}} max abs/rel errors vs PyTorch.
+        quality: precision → {"token_agreement", "psnr", ...} on held-out photo crops.
+        precision_notes: precision → stage → what was kept in fp32 or excluded from quantization, and why.
+        constants: small host-side tensors the runtime needs (``fake_latent``, the unconditional vector).
+        notes: free-form remarks (skipped stages and why).
+        created: ISO-8601 UTC time of the export.
+    """
+
+    config: V2FlowConfig
+    stages: dict[str, dict[str, Any]]
+    files: dict[str, dict[str, str]]
+    sha256: dict[str, str]
+    opset: int
+    source_checkpoint_sha256: str
+    stage_options: dict[str, Any] = field(default_factory=dict)
+    source_checkpoint: str = ""
+    versions: dict[str, str] = field(default_factory=dict)
+    parity: dict[str, dict[str, Any]] = field(default_factory=dict)
+    quality: dict[str, dict[str, Any]] = field(default_factory=dict)
+    precision_notes: dict[str, dict[str, Any]] = field(default_factory=dict)
+    constants: dict[str, list[float]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    created: str = ""
+    folder: Path | None = field(default=None, compare=False)
+
+    # ------------------------------------------------------------------ queries
+    @property
+    def precisions(self) -> list[str]:
+        """Precisions this folder holds graphs for, in export order."""
+        return list(self.files)
+
+    @property
+    def stage_names(self) -> list[str]:
+        return list(self.stages)
+
+    def path(self, stage: str, precision: str = "fp32") -> Path:
+        """Absolute path of a stage's graph; ArtifactError naming what exists if it was not exported."""
+        if self.folder is None:
+            raise ArtifactError("this manifest was not loaded from or written to a folder")
+        if precision not in self.files:
+            raise ArtifactError(f"precision {precision!r} was not exported to {self.folder}; it holds "
+                                f"{', '.join(self.files) or 'no precision'} (known precisions: {', '.join(PRECISIONS)})")
+        per = self.files[precision]
+        if stage not in per:
+            raise ArtifactError(f"stage {stage!r} was not exported at {precision} to {self.folder}; "
+                                f"exported stages: {', '.join(per) or 'none'}")
+        return self.folder / per[stage]
+
+    def spec(self, stage: str) -> StageSpec:
+        """The stage's spec, rebuilt through ``stage_specs`` and checked against what was recorded.
+
+        Raises ArtifactError if the stage was not exported, or if this package's stage contract now
+        describes it differently from the graph on disk (re-export with this version).
+        """
+        if stage not in self.stages:
+            raise ArtifactError(f"stage {stage!r} is not in this export; exported stages: {', '.join(self.stages)}")
+        try:
+            spec = stage_specs(self.config, **self.stage_options)[stage]
+        except (KeyError, TypeError) as exc:
+            raise ArtifactError(f"cannot rebuild stage {stage!r} from the manifest's stage options "
+                                f"{self.stage_options}: {exc}") from None
+        if record_stage(spec) != self.stages[stage]:
+            raise ArtifactError(f"stage {stage!r}: the graph was exported as {self.stages[stage]}, but this "
+                                f"package's stage contract gives {record_stage(spec)}; re-export the model")
+        return spec
+
+    @property
+    def fake_latent(self) -> np.ndarray:
+        """The learned unconditional vector [D] float32 (host-side input of guided sampling)."""
+        if "fake_latent" not in self.constants:
+            raise ArtifactError("this manifest holds no fake_latent (needed for guided sampling); re-export")
+        return np.asarray(self.constants["fake_latent"], dtype=np.float32)
+
+    def check_source(self, checkpoint_sha256: str) -> None:
+        """ArtifactError "manifest is from another checkpoint" unless the hashes agree."""
+        if checkpoint_sha256 != self.source_checkpoint_sha256:
+            where = f" ({self.source_checkpoint})" if self.source_checkpoint else ""
+            raise ArtifactError(f"manifest is from another checkpoint: it was exported from sha256 "
+                                f"{self.source_checkpoint_sha256[:16]}…{where}, the checkpoint given has "
+                                f"{checkpoint_sha256[:16]}…; re-export")
+
+    # ------------------------------------------------------------------ (de)serialisation
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format_version": FORMAT_VERSION, "config": self.config.to_dict(), "stages": self.stages,
+            "stage_options": self.stage_options, "files": self.files, "sha256": self.sha256, "opset": self.opset,
+            "source_checkpoint_sha256": self.source_checkpoint_sha256, "source_checkpoint": self.source_checkpoint,
+            "versions": self.versions, "parity": self.parity, "quality": self.quality,
+            "precision_notes": self.precision_notes, "constants": self.constants, "notes": self.notes,
+            "created": self.created,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "manifest") -> Manifest:
+        if not isinstance(data, dict):
+            raise ArtifactError(f"{where}: expected a JSON object, got {type(data).__name__}")
+        version = data.get("format_version")
+        if version != FORMAT_VERSION:
+            raise ArtifactError(f"{where}: manifest format version {version!r}, this package reads {FORMAT_VERSION}")
+        required = ("config", "stages", "files", "sha256", "opset", "source_checkpoint_sha256")
+        missing = [k for k in required if k not in data]
+        if missing:
+            raise ArtifactError(f"{where}: missing field(s) {missing}")
+        try:
+            config = V2FlowConfig.from_dict(data["config"])
+        except ConfigError as exc:
+            raise ArtifactError(f"{where}: bad config: {exc}") from None
+        files, sha = data["files"], data["sha256"]
+        if not (isinstance(files, dict) and all(isinstance(v, dict) for v in files.values())
+                and isinstance(sha, dict)):
+            raise ArtifactError(f"{where}: 'files' must map precision → stage → file and 'sha256' file → hash")
+        optional = ("stage_options", "source_checkpoint", "versions", "parity", "quality", "precision_notes",
+                    "constants", "notes", "created")
+        return cls(config=config, stages=data["stages"], files=files, sha256=sha, opset=int(data["opset"]),
+                   source_checkpoint_sha256=str(data["source_checkpoint_sha256"]),
+                   **{k: data[k] for k in optional if k in data})
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=False, allow_nan=True)
+
+    def write(self, folder: str | os.PathLike[str]) -> Path:
+        """Write ``manifest.json`` atomically into ``folder`` (created if needed); return its path."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / MANIFEST_NAME
+        _atomic_write_text(path, self.to_json())
+        self.folder = folder
+        return path
+
+    @classmethod
+    def load(cls, folder: str | os.PathLike[str], verify: bool = True) -> Manifest:
+        """Read ``folder/manifest.json`` and check every listed file (sha256 too when ``verify``).
+
+        Raises ArtifactError naming the folder or file: folder or manifest missing, manifest not valid
+        JSON, a listed graph missing, or a graph whose bytes do not hash to the recorded sha256
+        (truncated or corrupted).
+        """
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise ArtifactError(f"export folder {folder} does not exist")
+        path = folder / MANIFEST_NAME
+        if not path.is_file():
+            raise ArtifactError(f"{folder} has no {MANIFEST_NAME}: not an export folder, or an export that did "
+                                f"not finish (the manifest is written last)")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ArtifactError(f"{path} is not valid JSON (corrupted?): {exc}") from None
+        m = cls.from_dict(data, where=str(path))
+        m.folder = folder
+        listed = {rel for per in m.files.values() for rel in per.values()}
+        unhashed = sorted(listed - set(m.sha256))
+        if unhashed:
+            raise ArtifactError(f"{path}: file(s) {unhashed} have no sha256 entry")
+        root = folder.resolve()
+        for rel, digest in m.sha256.items():
+            target = (folder / rel).resolve()
+            if Path(rel).is_absolute() or root not in target.parents:
+                raise ArtifactError(f"{path}: file name {rel!r} points outside the export folder")
+            if not target.is_file():
+                raise ArtifactError(f"{folder / rel} is missing (listed in {MANIFEST_NAME})")
+            if verify:
+                got = file_sha256(target)
+                if got != digest:
+                    raise ArtifactError(f"{folder / rel} is corrupted or truncated: sha256 {got[:16]}… "
+                                        f"({target.stat().st_size} bytes), the manifest expects {digest[:16]}…; "
+                                        f"re-export or copy the folder again")
+        return m
