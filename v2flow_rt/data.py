@@ -150,6 +150,29 @@ def load_image(path: str | os.PathLike[str], min_size: int = 1) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- conversions
 
+def as_rgb(img: np.ndarray, what: str = "image") -> np.ndarray:
+    """An in-memory image of any common layout → uint8 [H, W, 3] RGB.
+
+    Accepts uint8 or uint16 arrays [H, W] (grayscale), [H, W, 1], [H, W, 3] or [H, W, 4] (alpha is
+    composited onto white, as for files). Anything else raises ImageError naming ``what``.
+    """
+    arr = np.asarray(img)
+    if arr.dtype == np.uint16:
+        arr = np.clip(np.rint(arr / 257.0), 0, 255).astype(np.uint8)
+    if arr.dtype != np.uint8:
+        raise ImageError(f"{what}: expected uint8 (or uint16) pixel values, got {arr.dtype}; float images "
+                         f"must be [B, 3, H, W] in [-1, 1]")
+    if arr.ndim == 3 and arr.shape[2] == 1:
+        arr = arr[:, :, 0]
+    if arr.ndim == 2:
+        return np.repeat(arr[:, :, None], 3, axis=2)
+    if arr.ndim != 3 or arr.shape[2] not in (3, 4) or min(arr.shape[:2]) < 1:
+        raise ImageError(f"{what}: expected [H, W], [H, W, 3] or [H, W, 4] pixels, got shape {arr.shape}")
+    if arr.shape[2] == 4:
+        return _to_rgb(Image.fromarray(arr, mode="RGBA"), what)
+    return np.ascontiguousarray(arr)
+
+
 def _check_image(img: np.ndarray, what: str) -> np.ndarray:
     """Return ``img`` as an ndarray after checking it is uint8 [H, W, 3]; ShapeError otherwise."""
     arr = np.asarray(img)

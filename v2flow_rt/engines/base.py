@@ -1,0 +1,54 @@
+"""The small interface every engine implements: run named numpy inputs of a stage → named outputs."""
+
+from __future__ import annotations
+
+import abc
+from typing import Any
+
+import numpy as np
+
+from ..errors import ShapeError
+from ..stages import StageSpec
+
+
+class Engine(abc.ABC):
+    """A set of executable stages on one backend.
+
+    Attributes: ``backend`` (e.g. ``"ort"``), ``device`` (``"cpu"``, ``"cuda:0"``), ``precision``
+    (``"fp32"``, ``"fp16"``, ``"int8"``, ``"int8-qdq"``, ``"bf16"``), ``specs`` (stage name → StageSpec).
+    """
+
+    backend: str = "?"
+    device: str = "cpu"
+    precision: str = "fp32"
+    specs: dict[str, StageSpec]
+
+    @property
+    def stage_names(self) -> list[str]:
+        return list(self.specs)
+
+    def has(self, stage: str) -> bool:
+        return stage in self.specs
+
+    def spec(self, stage: str) -> StageSpec:
+        if stage not in self.specs:
+            raise ShapeError(f"{self.describe()} has no stage {stage!r}; it has {self.stage_names}")
+        return self.specs[stage]
+
+    def run(self, stage: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Check ``feeds`` against the stage spec, execute, return outputs by name (numpy, host memory)."""
+        self.spec(stage).check_inputs(feeds)
+        return self._run(stage, feeds)
+
+    @abc.abstractmethod
+    def _run(self, stage: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        ...
+
+    def describe(self) -> str:
+        return f"{self.backend} engine ({self.device}, {self.precision})"
+
+    def info(self) -> dict[str, Any]:
+        """What the engine is: backend, device, precision and each stage's I/O shapes."""
+        return {"backend": self.backend, "device": self.device, "precision": self.precision,
+                "stages": {name: {t.name: list(t.shape) for t in s.inputs + s.outputs}
+                           for name, s in self.specs.items()}}

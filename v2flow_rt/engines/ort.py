@@ -1,0 +1,103 @@
+"""ONNX Runtime engine: one session per stage graph of an export folder (numpy + onnxruntime only).
+
+Providers: ``cpu``; ``cuda`` (onnxruntime-gpu, with IO binding so outputs stay on the device until
+read); ``tensorrt`` (ORT's TensorRT provider with an engine and timing cache next to the graphs and the
+stage specs' min/opt/max profiles). onnxruntime-gpu replaces onnxruntime: install one or the other.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import ArtifactError, BackendUnavailable
+from ..manifest import Manifest
+from .base import Engine
+
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
+             "tensorrt": "TensorrtExecutionProvider"}
+
+
+def _ort() -> Any:
+    try:
+        import onnxruntime
+    except ImportError as exc:  # pragma: no cover - onnxruntime is a core dependency
+        raise BackendUnavailable("onnxruntime is not installed: pip install onnxruntime") from exc
+    return onnxruntime
+
+
+def _trt_profile(shapes: dict[str, tuple[tuple[int, ...], ...]], which: int) -> str:
+    return ",".join(f"{name}:{'x'.join(str(d) for d in s[which])}" for name, s in shapes.items())
+
+
+class OrtEngine(Engine):
+    """Sessions over ``folder``'s graphs of one precision; stages load lazily on first use."""
+
+    backend = "ort"
+
+    def __init__(self, folder: str | os.PathLike[str], precision: str = "fp32", provider: str = "cpu",
+                 threads: int | None = None, verify: bool = True, device_id: int = 0) -> None:
+        ort = _ort()
+        self.manifest = Manifest.load(folder, verify=verify)
+        if precision not in self.manifest.precisions:
+            raise ArtifactError(f"{folder} holds precisions {self.manifest.precisions}, not {precision!r}; "
+                                f"re-export with --precision {precision}")
+        if provider not in PROVIDERS:
+            raise BackendUnavailable(f"unknown ONNX Runtime provider {provider!r}; choose one of {sorted(PROVIDERS)}")
+        if PROVIDERS[provider] not in ort.get_available_providers():
+            raise BackendUnavailable(
+                f"ONNX Runtime here has providers {ort.get_available_providers()}, not {PROVIDERS[provider]}; "
+                f"install onnxruntime-gpu (instead of onnxruntime) on a machine with an NVIDIA GPU")
+        self.precision, self.provider, self.threads, self.device_id = precision, provider, threads, device_id
+        self.device = "cpu" if provider == "cpu" else f"cuda:{device_id}"
+        self.backend = f"ort-{provider}"
+        self.specs = {s: self.manifest.spec(s) for s in self.manifest.files[precision]}
+        self._sessions: dict[str, Any] = {}
+
+    def _providers(self, stage: str) -> list[Any]:
+        cpu = "CPUExecutionProvider"
+        if self.provider == "cpu":
+            return [cpu]
+        cuda = ("CUDAExecutionProvider", {"device_id": self.device_id})
+        if self.provider == "cuda":
+            return [cuda, cpu]
+        folder = self.manifest.folder or Path(".")
+        shapes = self.specs[stage].profile()
+        trt = {"device_id": self.device_id, "trt_engine_cache_enable": True,
+               "trt_engine_cache_path": str(folder / "trt_cache"), "trt_timing_cache_enable": True,
+               "trt_timing_cache_path": str(folder / "trt_cache"),
+               "trt_profile_min_shapes": _trt_profile(shapes, 0), "trt_profile_opt_shapes": _trt_profile(shapes, 1),
+               "trt_profile_max_shapes": _trt_profile(shapes, 2)}
+        return [("TensorrtExecutionProvider", trt), cuda, cpu]
+
+    def session(self, stage: str) -> Any:
+        if stage not in self._sessions:
+            ort = _ort()
+            opts = ort.SessionOptions()
+            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            if self.threads:
+                opts.intra_op_num_threads = self.threads
+                opts.inter_op_num_threads = 1
+            path = self.manifest.path(stage, self.precision)
+            try:
+                self._sessions[stage] = ort.InferenceSession(str(path), opts, providers=self._providers(stage))
+            except Exception as exc:
+                raise ArtifactError(f"ONNX Runtime cannot load {path}: {str(exc).splitlines()[0]}") from None
+        return self._sessions[stage]
+
+    def _run(self, stage: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        sess = self.session(stage)
+        names = self.specs[stage].output_names
+        if self.provider == "cpu":
+            return dict(zip(names, sess.run(names, feeds)))
+        # On the GPU: inputs copied once to the device, outputs allocated there by ORT (IO binding).
+        binding = sess.io_binding()
+        for name, value in feeds.items():
+            binding.bind_cpu_input(name, np.ascontiguousarray(value))
+        for name in names:
+            binding.bind_output(name, "cuda", self.device_id)
+        sess.run_with_iobinding(binding)
+        return dict(zip(names, binding.copy_outputs_to_cpu()))
