@@ -32,10 +32,10 @@ def _cmd_train(a: argparse.Namespace) -> int:
 
 
 def _cmd_eval(a: argparse.Namespace) -> int:
-    from .reference.evaluate import evaluate
+    from .evaluate import evaluate
 
-    report = evaluate(a.model, per_image=a.per_image, seed=a.seed, grid_png=a.grid, temperature=a.temperature,
-                      steps=a.steps, solver=a.solver)
+    report = evaluate(a.model, backend=a.backend, precision=a.precision, per_image=a.per_image, seed=a.seed,
+                      grid_png=a.grid, steps=a.steps, solver=a.solver, cfg=a.cfg, temperature=a.temperature)
     if a.json:
         print(json.dumps(report, indent=2))
     else:
@@ -44,18 +44,142 @@ def _cmd_eval(a: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_reconstruct(a: argparse.Namespace) -> int:
-    from .reference.evaluate import reconstruct_file
+def _pipeline(a: argparse.Namespace) -> Any:
+    from .pipeline import V2FlowPipeline
 
-    psnr = reconstruct_file(a.model, a.image, a.out, seed=a.seed, side_by_side=a.side_by_side,
-                            temperature=a.temperature)
-    print(f"wrote {a.out} (PSNR {psnr:.2f} dB against the resized input)")
+    return V2FlowPipeline.from_pretrained(a.model, backend=a.backend, precision=a.precision, threads=a.threads)
+
+
+def _sampling(a: argparse.Namespace) -> dict[str, Any]:
+    return {"steps": a.steps, "solver": a.solver, "cfg": a.cfg, "seed": a.seed, "temperature": a.temperature}
+
+
+def _cmd_tokenize(a: argparse.Namespace) -> int:
+    import numpy as np
+
+    ids = _pipeline(a).tokenize(a.images)
+    if a.out.endswith(".json"):
+        Path(a.out).write_text(json.dumps({"images": a.images, "ids": ids.tolist()}))
+    else:
+        np.save(a.out, ids)
+    print(f"wrote {a.out}: {ids.shape[0]} image(s) x {ids.shape[1]} tokens")
+    return 0
+
+
+def _read_ids(path: str) -> Any:
+    import numpy as np
+
+    from .errors import ShapeError
+
+    if path.endswith(".json"):
+        data = json.loads(Path(path).read_text())
+        return np.asarray(data["ids"] if isinstance(data, dict) else data, dtype=np.int64)
+    try:
+        return np.load(path)
+    except (OSError, ValueError) as exc:
+        raise ShapeError(f"{path}: not a .npy or .json file of token ids ({exc})") from None
+
+
+def _cmd_detokenize(a: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .data import save_image
+
+    ids = _read_ids(a.ids)
+    ids = ids[None] if ids.ndim == 1 else ids
+    pipe = _pipeline(a)
+    out = Path(a.out)
+    for i in tqdm(range(len(ids)), desc="detokenize", disable=len(ids) < 2):
+        image = pipe.detokenize(ids[i:i + 1], **_sampling(a))[0]
+        target = out if len(ids) == 1 else out.parent / f"{out.stem}_{i:03d}{out.suffix or '.png'}"
+        save_image(target, image)
+    print(f"wrote {len(ids)} image(s) to {out if len(ids) == 1 else out.parent}")
+    return 0
+
+
+def _cmd_reconstruct(a: argparse.Namespace) -> int:
+    from .data import load_image, resize_center_crop, save_grid, save_image
+    from .metrics import psnr
+
+    pipe = _pipeline(a)
+    src = resize_center_crop(load_image(a.image), pipe.config.img_size)
+    rec = pipe.reconstruct(src, **_sampling(a))[0]
+    if a.side_by_side:
+        save_grid(a.out, [[src, rec]])
+    else:
+        save_image(a.out, rec)
+    print(f"wrote {a.out} (PSNR {psnr(src, rec):.2f} dB against the center-cropped input, {pipe.engine.describe()})")
+    return 0
+
+
+def _cmd_bench(a: argparse.Namespace) -> int:
+    from .bench import plot, run_bench
+
+    report = run_bench(a.model, a.export, precisions=tuple(a.precisions.split(",")),
+                       torch_modes=tuple(a.torch_modes.split(",")) if a.torch_modes else (), batch=a.batch,
+                       repeat=a.repeat, threads=a.threads)
+    if a.json:
+        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.json).write_text(json.dumps(report, indent=2))
+    if a.plot:
+        plot(report, a.plot)
+    for name, r in report["results"].items():
+        print(f"{name:>16}: detokenize {r['detokenize']['median_ms']:8.1f} ms ({r['detokenize_speedup']:.2f}x)  "
+              f"tokenize {r['tokenize']['median_ms']:7.2f} ms ({r['tokenize_speedup']:.2f}x)")
+    return 0
+
+
+def _cmd_demo(a: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    path = run_demo(a.out, a.model, repeat=a.repeat, threads=a.threads)
+    print(f"report: {path}")
+    return 0
+
+
+def _cmd_export(a: argparse.Namespace) -> int:
+    from .export.onnx import export_model
+
+    precisions = [p.strip() for p in a.precision.split(",") if p.strip()]
+    manifest = export_model(a.model, a.out, precisions=precisions, opset=a.opset, max_batch=a.max_batch,
+                            progress=not a.quiet)
+    print(f"exported {len(manifest.stages)} stage(s) x {', '.join(manifest.precisions)} to {a.out}")
+    for precision, q in manifest.quality.items():
+        print(f"  {precision:9s} PSNR {q['psnr']:.2f} dB, token agreement with fp32 {q['token_agreement']:.4f}")
+    for note in manifest.notes:
+        print(f"  note: {note}")
+    return 0
+
+
+def _cmd_validate(a: argparse.Namespace) -> int:
+    from .export.validate import validate_folder
+
+    report = validate_folder(a.folder, json=a.json)
+    print(report)
+    if not report.ok:
+        print(f"v2flow-rt validate: error: {len(report.failures)} check(s) failed in {a.folder}", file=sys.stderr)
+        return 1
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="v2flow-rt", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+
+    def engine_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--model", default="default",
+                       help="model folder or 'default' (torch backends); export folder (ort, trt backends)")
+        p.add_argument("--backend", default="torch", choices=["ort", "ort-cuda", "ort-tensorrt", "trt", "torch",
+                                                              "torch-compile", "torch-cudagraph"])
+        p.add_argument("--precision", default="fp32")
+        p.add_argument("--threads", type=int, default=None)
+
+    def sampling_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--steps", type=int, default=None, help="ODE steps (default: the model's)")
+        p.add_argument("--solver", choices=["euler", "heun", "dpm++2m"], default=None)
+        p.add_argument("--cfg", type=float, default=None, help="guidance scale (1 = none)")
+        p.add_argument("--temperature", type=float, default=None, help="scale of the initial noise")
+        p.add_argument("--seed", type=int, default=0)
 
     p = sub.add_parser("train", help="train a V2Flow model on the built-in photos")
     p.add_argument("--preset", default="tiny")
@@ -75,24 +199,69 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("eval", help="PSNR/SSIM on the held-out photos against the token-grid baseline")
-    p.add_argument("--model", default="default")
+    engine_args(p)
+    sampling_args(p)
     p.add_argument("--per-image", type=int, default=8)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--temperature", type=float, default=None)
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--solver", default=None)
     p.add_argument("--grid", help="also write a PNG grid: originals, grid baseline, reconstructions")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_eval)
 
+    p = sub.add_parser("tokenize", help="images → visual token ids (.npy or .json)")
+    p.add_argument("images", nargs="+")
+    p.add_argument("--out", required=True)
+    engine_args(p)
+    p.set_defaults(func=_cmd_tokenize)
+
+    p = sub.add_parser("detokenize", help="token ids (.npy/.json) → images")
+    p.add_argument("ids")
+    p.add_argument("--out", required=True)
+    engine_args(p)
+    sampling_args(p)
+    p.set_defaults(func=_cmd_detokenize)
+
+    p = sub.add_parser("bench", help="benchmark every backend against PyTorch in one run")
+    p.add_argument("--model", default="default")
+    p.add_argument("--export", help="export folder (ONNX Runtime backends); omitted: torch only")
+    p.add_argument("--precisions", default="fp32,fp16,int8,int8-qdq")
+    p.add_argument("--torch-modes", default="torch,torch-compile")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--json", help="write the full report here")
+    p.add_argument("--plot", help="write a PNG chart here")
+    p.set_defaults(func=_cmd_bench)
+
+    p = sub.add_parser("demo", help="export, validate, benchmark and reconstruct the bundled default model")
+    p.add_argument("--out", default="demo_out")
+    p.add_argument("--model", default="default")
+    p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--threads", type=int, default=None)
+    p.set_defaults(func=_cmd_demo)
+
     p = sub.add_parser("reconstruct", help="tokenize and decode one image")
     p.add_argument("image")
     p.add_argument("--out", required=True)
-    p.add_argument("--model", default="default")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--temperature", type=float, default=None)
     p.add_argument("--side-by-side", action="store_true", help="write input and reconstruction side by side")
+    engine_args(p)
+    sampling_args(p)
     p.set_defaults(func=_cmd_reconstruct)
+
+    p = sub.add_parser("export", help="export a model to ONNX graphs (validated, with a manifest)")
+    p.add_argument("model", help="model folder or 'default'")
+    p.add_argument("--out", required=True, help="export folder (replaced only once the new export succeeded)")
+    p.add_argument("--precision", default="fp32", help="comma-separated: fp32,fp16,int8,int8-qdq")
+    p.add_argument("--opset", type=int, default=18)
+    p.add_argument("--max-batch", type=int, default=16)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("validate", help="re-run the parity checks of an export folder")
+    p.add_argument("folder")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_validate)
+
+    from .llm.commands import add_commands as add_llm_commands  # train-llm, export-llm, generate
+    add_llm_commands(sub)
     return parser
 
 

@@ -1,0 +1,188 @@
+"""Benchmarks in one harness: PyTorch eager and ``torch.compile`` as baselines beside every ONNX Runtime
+precision, per stage and end to end, reported as ratios measured in the same run.
+
+Also reports matmul FLOPs per stage and the fraction of this machine's measured matrix-multiply peak
+that the fused velocity ODE loop reaches. Times are medians of ``repeat`` runs after warm-up.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .config import V2FlowConfig
+from .metrics import psnr
+from .pipeline import V2FlowPipeline
+from .sampling import SamplerSettings, evaluations, tokens_per_iteration
+
+
+def measure(fn: Callable[[], Any], warmup: int = 1, repeat: int = 5) -> dict[str, float]:
+    """Wall time of ``fn`` in ms: median, min and p90 over ``repeat`` runs after ``warmup`` runs."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    arr = np.array(times)
+    return {"median_ms": float(np.median(arr)), "min_ms": float(arr.min()), "p90_ms": float(np.percentile(arr, 90))}
+
+
+def matmul_peak(n: int = 1024, repeat: int = 7, threads: int | None = None) -> dict[str, float]:
+    """This machine's float32 matrix-multiply rate (GFLOP/s) through ONNX Runtime's MatMul (the kernels
+    the ORT engine uses) and numpy's BLAS; the larger is the peak the efficiency figures divide by."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((n, n), dtype=np.float32), rng.standard_normal((n, n), dtype=np.float32)
+    graph = helper.make_graph([helper.make_node("MatMul", ["a", "b"], ["c"])], "mm",
+                              [helper.make_tensor_value_info("a", TensorProto.FLOAT, [n, n]),
+                               helper.make_tensor_value_info("b", TensorProto.FLOAT, [n, n])],
+                              [helper.make_tensor_value_info("c", TensorProto.FLOAT, [n, n])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    flops = 2.0 * n ** 3
+    ort_ms = measure(lambda: sess.run(None, {"a": a, "b": b}), 2, repeat)["min_ms"]
+    np_ms = measure(lambda: a @ b, 2, repeat)["min_ms"]
+    ort_g, np_g = flops / ort_ms / 1e6, flops / np_ms / 1e6
+    return {"ort_gflops": ort_g, "numpy_gflops": np_g, "peak_gflops": max(ort_g, np_g), "n": n}
+
+
+def velocity_flops_per_eval(cfg: V2FlowConfig) -> float:
+    """Matmul FLOPs of one velocity evaluation per token row, as the fused ODE graph runs it (the
+    condition embedding is hoisted out of the step loop and the time embeddings are constants)."""
+    w, c, d = cfg.flow_width, cfg.token_dim, cfg.flow_depth
+    per_block = 3 * w * w + 2 * w * w                      # adaLN modulation + MLP
+    return 2.0 * (c * w + d * per_block + 2 * w * w + w * c)
+
+
+def ode_flops(cfg: V2FlowConfig, rows: int, steps: int, solver: str, guided: bool = False) -> float:
+    evals = evaluations(solver, steps) * (2 if guided else 1)
+    return rows * (evals * velocity_flops_per_eval(cfg) + 2.0 * cfg.decoder_dim * cfg.flow_width * (2 if guided else 1))
+
+
+def mar_step_flops(cfg: V2FlowConfig, batch: int, known: int) -> float:
+    """Matmul FLOPs of one masked-transformer call with ``known`` known tokens (attention included)."""
+    n = cfg.num_tokens
+    def blocks(depth: int, dim: int, seq: int) -> float:
+        return depth * (2.0 * seq * 12 * dim * dim + 4.0 * seq * seq * dim)
+    enc = blocks(cfg.encoder_depth, cfg.encoder_dim, n + known) + 2.0 * (n + n) * cfg.token_dim * cfg.encoder_dim
+    dec = blocks(cfg.decoder_depth, cfg.decoder_dim, 2 * n) + 2.0 * (n + known) * cfg.encoder_dim * cfg.decoder_dim
+    return batch * (enc + dec)
+
+
+def _pipelines(model: str, export_dir: str | None, precisions: list[str], torch_modes: list[str],
+               threads: int | None) -> dict[str, V2FlowPipeline]:
+    pipes: dict[str, V2FlowPipeline] = {}
+    for mode in torch_modes:
+        pipes[mode] = V2FlowPipeline.from_pretrained(model, backend=mode, threads=threads)
+    if export_dir:
+        for p in precisions:
+            pipes[f"ort-{p}"] = V2FlowPipeline.from_pretrained(export_dir, backend="ort", precision=p, threads=threads)
+    return pipes
+
+
+def run_bench(model: str = "default", export_dir: str | None = None, precisions: tuple[str, ...] = ("fp32",),
+              torch_modes: tuple[str, ...] = ("torch", "torch-compile"), batch: int = 1, repeat: int = 5,
+              threads: int | None = None, progress: bool = True) -> dict[str, Any]:
+    """Time every backend on the same ids, images and seed; ratios are against PyTorch eager."""
+    from tqdm import tqdm
+
+    from .data import HELDOUT_PHOTOS, eval_crops, from_model_range
+
+    pipes = _pipelines(model, export_dir, list(precisions), list(torch_modes), threads)
+    base = pipes[next(iter(pipes))]
+    cfg = base.config
+    settings = SamplerSettings.from_config(cfg)
+    crops = eval_crops(list(HELDOUT_PHOTOS), cfg.img_size, per_image=max(1, batch // 2 + batch % 2))[:batch]
+    ids = base.tokenize(crops)
+    rng = np.random.default_rng(0)
+    rows = batch * max(tokens_per_iteration(cfg.num_tokens, settings.num_iter))
+    stage_inputs = {
+        "mar_step": base.engine.spec("mar_step").sample_inputs(rng, batch=batch, keep=cfg.num_tokens * 3 // 2),
+        "ode": {"noise": rng.standard_normal((rows, cfg.token_dim), dtype=np.float32),
+                "z": rng.standard_normal((rows, cfg.decoder_dim), dtype=np.float32)},
+        "velocity_rows256": {"x": rng.standard_normal((256, cfg.token_dim), dtype=np.float32),
+                             "t": np.full(256, 500.0, np.float32),
+                             "c": rng.standard_normal((256, cfg.decoder_dim), dtype=np.float32)},
+        "ode_rows256": {"noise": rng.standard_normal((256, cfg.token_dim), dtype=np.float32),
+                        "z": rng.standard_normal((256, cfg.decoder_dim), dtype=np.float32)},
+    }
+    results: dict[str, Any] = {}
+    reference_images = None
+    for name, pipe in tqdm(list(pipes.items()), desc="bench", disable=not progress):
+        eng = pipe.engine
+        r: dict[str, Any] = {"backend": eng.backend, "precision": eng.precision}
+        r["detokenize"] = measure(lambda p=pipe: p.detokenize(ids, seed=0, output="float"), 1, repeat)
+        r["tokenize"] = measure(lambda p=pipe: p.tokenize(crops), 1, repeat)
+        stages = {}
+        for stage, feeds in stage_inputs.items():
+            real = stage.split("_rows")[0]
+            if eng.has(real):
+                stages[stage] = measure(lambda e=eng, s=real, f=feeds: e.run(s, f), 1, repeat)
+        r["stages"] = stages
+        images = pipe.detokenize(ids, seed=0, output="float")
+        if reference_images is None:
+            reference_images = images
+        r["psnr_vs_" + next(iter(pipes))] = psnr(from_model_range(reference_images), from_model_range(images))
+        r["ids_equal_" + next(iter(pipes))] = bool((pipe.tokenize(crops) == ids).all())
+        results[name] = r
+    first = next(iter(results))
+    for r in results.values():
+        r["detokenize_speedup"] = results[first]["detokenize"]["median_ms"] / r["detokenize"]["median_ms"]
+        r["tokenize_speedup"] = results[first]["tokenize"]["median_ms"] / r["tokenize"]["median_ms"]
+    peak = matmul_peak(threads=threads)
+    flops = {"ode_per_call": ode_flops(cfg, rows, settings.steps, settings.solver),
+             "ode_rows256": ode_flops(cfg, 256, settings.steps, settings.solver),
+             "velocity_rows256": 256 * velocity_flops_per_eval(cfg),
+             "mar_step": mar_step_flops(cfg, batch, cfg.num_tokens // 2)}
+    for r in results.values():
+        st = r["stages"]
+        if "ode_rows256" in st:
+            gflops = flops["ode_rows256"] / st["ode_rows256"]["median_ms"] / 1e6
+            r["ode_rows256_gflops"] = gflops
+            r["ode_rows256_peak_fraction"] = gflops / peak["peak_gflops"]
+    return {
+        "model": model, "config": cfg.name, "batch": batch, "repeat": repeat, "threads": threads,
+        "sampler": settings.__dict__, "tokens_per_iteration": tokens_per_iteration(cfg.num_tokens, settings.num_iter),
+        "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count()},
+        "matmul_peak": peak, "flops": flops, "baseline": first, "results": results,
+    }
+
+
+def plot(report: dict[str, Any], png: str | Path) -> None:
+    """Bar chart of end-to-end detokenize and tokenize speed-ups against the baseline."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(report["results"])
+    det = [report["results"][n]["detokenize_speedup"] for n in names]
+    tok = [report["results"][n]["tokenize_speedup"] for n in names]
+    x = np.arange(len(names))
+    fig, ax = plt.subplots(figsize=(1.4 * len(names) + 2, 3.6))
+    ax.bar(x - 0.2, det, 0.4, label="detokenize")
+    ax.bar(x + 0.2, tok, 0.4, label="tokenize")
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.set_xticks(x, names, rotation=20, ha="right")
+    ax.set_ylabel(f"speed-up vs {report['baseline']}")
+    ax.set_title(f"{report['config']}, batch {report['batch']}, {report['machine']['cpus']} CPU cores")
+    ax.legend()
+    fig.tight_layout()
+    Path(png).parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(png).with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    os.replace(tmp, png)
+    plt.close(fig)
