@@ -25,7 +25,7 @@ def _cmd_train(a: argparse.Namespace) -> int:
     embed = torch.from_numpy(load_embedding_table(a.llm)) if a.llm else None
     settings = TrainSettings(steps=a.steps, batch_size=a.batch_size, lr=a.lr, seed=a.seed,
                              max_minutes=a.max_minutes, threads=a.threads, ema_decay=a.ema_decay,
-                             warmup=a.warmup, schedule=a.schedule)
+                             warmup=a.warmup, schedule=a.schedule, aux_recon=a.aux_recon)
     final = train(config, a.out, settings, llm_embed=embed, resume=not a.no_resume)
     print(f"saved {final}")
     return 0
@@ -129,6 +129,15 @@ def _cmd_bench(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_build(a: argparse.Namespace) -> int:
+    from .engines.trt import TrtEngine
+
+    for precision in a.precisions.split(","):
+        plans = TrtEngine(a.folder, precision).build()
+        print(f"{precision}: {len(plans)} TensorRT plan(s) in {plans[0].parent if plans else a.folder}")
+    return 0
+
+
 def _cmd_demo(a: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -145,7 +154,8 @@ def _cmd_export(a: argparse.Namespace) -> int:
                             progress=not a.quiet)
     print(f"exported {len(manifest.stages)} stage(s) x {', '.join(manifest.precisions)} to {a.out}")
     for precision, q in manifest.quality.items():
-        print(f"  {precision:9s} PSNR {q['psnr']:.2f} dB, token agreement with fp32 {q['token_agreement']:.4f}")
+        print(f"  {precision:9s} PSNR {q['psnr']:.2f} dB ({q['psnr_delta_vs_fp32']:+.3f} vs fp32), "
+              f"token agreement with fp32 {q['token_agreement']:.4f}")
     for note in manifest.notes:
         print(f"  note: {note}")
     return 0
@@ -196,6 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
     p.add_argument("--max-minutes", type=float, default=0.0, help="stop and save after this wall time")
     p.add_argument("--no-resume", action="store_true", help="ignore an existing train_state.pt")
+    p.add_argument("--aux-recon", action="store_true",
+                   help="add a per-token code→token reconstruction loss (a training-only head)")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("eval", help="PSNR/SSIM on the held-out photos against the token-grid baseline")
@@ -230,6 +242,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="write the full report here")
     p.add_argument("--plot", help="write a PNG chart here")
     p.set_defaults(func=_cmd_bench)
+
+    p = sub.add_parser("build", help="build (or reuse cached) TensorRT plans for an export folder")
+    p.add_argument("folder")
+    p.add_argument("--precisions", default="fp32")
+    p.set_defaults(func=_cmd_build)
 
     p = sub.add_parser("demo", help="export, validate, benchmark and reconstruct the bundled default model")
     p.add_argument("--out", default="demo_out")

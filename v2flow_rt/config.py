@@ -57,6 +57,7 @@ class V2FlowConfig:
     buffer_size: int = 64               # must equal the number of tokens
     attn_dropout: float = 0.1
     proj_dropout: float = 0.1
+    pos_init: str = "normal"            # "normal" (official N(0, 0.02)) or "sincos-shared" (see model)
     # --- velocity net (SimpleMLPAdaLN) ---
     flow_width: int = 1536
     flow_depth: int = 8
@@ -127,6 +128,8 @@ class V2FlowConfig:
         need(self.latent_scale > 0 and math.isfinite(self.latent_scale),
              f"latent_scale must be a positive number, got {self.latent_scale}")
         need(self.time_shift > 0, f"time_shift must be positive, got {self.time_shift}")
+        need(self.pos_init in ("normal", "sincos-shared"),
+             f"pos_init must be 'normal' or 'sincos-shared', got {self.pos_init!r}")
         need(self.solver in SOLVERS, f"solver must be one of {SOLVERS}, got {self.solver!r}")
         need(self.cfg_mode in CFG_MODES, f"cfg_mode must be one of {CFG_MODES}, got {self.cfg_mode!r}")
         need(self.cfg_schedule in CFG_SCHEDULES,
@@ -195,8 +198,8 @@ def _tiny() -> V2FlowConfig:
         llm_vocab_size=1024, llm_dim=128, resampler_hidden=96, resampler_depth=2, readout_depth=1,
         codebook_size=4096, dead_code_threshold=0.01,
         encoder_dim=128, encoder_depth=2, encoder_heads=4, decoder_dim=128, decoder_depth=2, decoder_heads=4,
-        buffer_size=64, attn_dropout=0.0, proj_dropout=0.0, flow_width=256, flow_depth=3,
-        diffusion_batch_mul=1, ode_steps=10, solver="dpm++2m", cfg_scale=1.0,
+        buffer_size=64, attn_dropout=0.0, proj_dropout=0.0, pos_init="sincos-shared", flow_width=256, flow_depth=3,
+        diffusion_batch_mul=1, gumbel_train=False, ode_steps=10, solver="dpm++2m", cfg_scale=1.0,
     ).validate()
 
 

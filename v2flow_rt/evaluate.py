@@ -41,4 +41,6 @@ def evaluate(model: str | Path = "default", backend: str = "torch", precision: s
         "sampler": settings.__dict__, "seed": seed,
     }
     report["psnr_gain_db"] = round(report["psnr"] - report["grid_baseline_psnr"], 3)
+    nearest = from_model_range(grid_baseline(crops, cfg.grid_size, upsample="nearest"))
+    report["grid_baseline_nearest_psnr"] = round(psnr(ref, nearest), 3)
     return report

@@ -142,7 +142,7 @@ def _bilinear_matrix(n_out: int, n_in: int) -> np.ndarray:
     return m
 
 
-def grid_baseline(images: np.ndarray, grid: int) -> np.ndarray:
+def grid_baseline(images: np.ndarray, grid: int, upsample: str = "bilinear") -> np.ndarray:
     """What a grid x grid token layout carries on its own: float [B, C, H, W] -> float [B, C, H, W].
 
     Each of the grid x grid cells is replaced by its mean colour, and the grid of means is enlarged
@@ -160,6 +160,10 @@ def grid_baseline(images: np.ndarray, grid: int) -> np.ndarray:
     if grid < 1 or h % grid or w % grid:
         raise ShapeError(f"grid_baseline: image {h}x{w} is not divisible into a {grid}x{grid} grid")
     cells = x.astype(np.float64).reshape(b, c, grid, h // grid, grid, w // grid).mean(axis=(3, 5))
+    if upsample == "nearest":   # the literal block image of cell means, reported for context
+        return np.repeat(np.repeat(cells, h // grid, axis=2), w // grid, axis=3).astype(x.dtype, copy=False)
+    if upsample != "bilinear":
+        raise ShapeError(f"grid_baseline: upsample must be 'bilinear' or 'nearest', got {upsample!r}")
     mh, mw = _bilinear_matrix(h, grid), _bilinear_matrix(w, grid)
     out = np.einsum("hi,bcij,wj->bchw", mh, cells, mw, optimize=True)  # [B, C, H, W]
     return out.astype(x.dtype, copy=False)

@@ -42,6 +42,20 @@ def keep_indices(mask: torch.Tensor, buffer_size: int) -> torch.Tensor:
     return order[:, : buffer_size + int(known[0])]
 
 
+def sincos_2d(dim: int, grid: int) -> torch.Tensor:
+    """MAE-style 2-D sin-cos position table [grid², dim] in raster order (half the channels per axis)."""
+    quarter = dim // 4
+    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
+    ys, xs = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64),
+                            indexing="ij")
+    parts = []
+    for coord in (ys.reshape(-1), xs.reshape(-1)):
+        angle = coord[:, None] * omega[None]
+        parts += [torch.sin(angle), torch.cos(angle)]
+    table = torch.cat(parts, dim=1)
+    return torch.nn.functional.pad(table, (0, dim - table.shape[1])).float()
+
+
 class V2Flow(nn.Module):
     """The whole tokenizer and decoder. ``llm_embed`` [V, d] is the frozen LLM input-embedding table."""
 
@@ -86,6 +100,16 @@ class V2Flow(nn.Module):
         for p in (self.fake_latent, self.encoder_pos_embed_learned, self.mask_token,
                   self.decoder_pos_embed_learned, self.diffusion_pos_embed_learned):
             nn.init.normal_(p, std=0.02)
+        if self.config.pos_init == "sincos-shared":
+            # Buffer slot i holds the visual token of grid position i. Giving both the same 2-D sin-cos
+            # embedding at init lets attention pair them from the first step; with the official random
+            # init that pairing must be discovered, which is slow for small models on little compute.
+            g = self.config.grid_size
+            with torch.no_grad():
+                for p in (self.encoder_pos_embed_learned, self.decoder_pos_embed_learned):
+                    table = sincos_2d(p.shape[-1], g)
+                    p.copy_(torch.cat([table, table])[None])
+                self.diffusion_pos_embed_learned.copy_(sincos_2d(self.diffusion_pos_embed_learned.shape[-1], g)[None])
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
@@ -177,11 +201,14 @@ class V2Flow(nn.Module):
         return self.flowloss.net(x, t, c)
 
     # ------------------------------------------------------------------ training objective
-    def forward(self, latent: torch.Tensor, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    def forward(self, latent: torch.Tensor, generator: torch.Generator | None = None,
+                aux_head: nn.Module | None = None) -> dict[str, torch.Tensor]:
         """Training losses for a batch of scaled latents [B, C, h, w] (model in train mode).
 
         linear-flow objective: σ = shift(sigmoid(N(0,1))), x_σ = (1−σ)·x0 + σ·ε, target v = ε − x0, on
         masked tokens only, ``diffusion_batch_mul`` noise draws per token; plus the VQ commitment loss.
+        ``aux_head`` (training only, not part of the model): a map from each quantized code to its own
+        token, whose MSE is added; it gives the tokenizer a direct reconstruction gradient.
         """
         cfg = self.config
         dev = latent.device
@@ -213,7 +240,12 @@ class V2Flow(nn.Module):
         x_t = (1 - sigma[:, None]) * x0 + sigma[:, None] * noise
         pred = self.velocity(x_t, sigma * 1000.0, z_m)
         loss_flow = F.mse_loss(pred, noise - x0)
-        return {"loss": loss_flow + loss_vq, "flow": loss_flow.detach(), "vq": loss_vq.detach(),
+        loss = loss_flow + loss_vq
+        loss_aux = torch.zeros(())
+        if aux_head is not None:
+            loss_aux = F.mse_loss(aux_head(quantized), tokens)
+            loss = loss + loss_aux
+        return {"loss": loss, "flow": loss_flow.detach(), "vq": loss_vq.detach(), "aux": loss_aux.detach(),
                 "codes": torch.tensor(ids.unique().numel())}
 
     # ------------------------------------------------------------------ sampling

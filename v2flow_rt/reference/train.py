@@ -43,6 +43,7 @@ class TrainSettings:
     max_minutes: float = 0.0          # stop (and save) after this wall time; 0 = no limit
     save_every: int = 500
     threads: int = 0                  # torch threads; 0 = torch's default
+    aux_recon: bool = False           # add a per-token code → token reconstruction loss (see V2Flow.forward)
 
 
 def param_groups(model: V2Flow, weight_decay: float) -> list[dict[str, Any]]:
@@ -97,7 +98,12 @@ def train(config: V2FlowConfig, out_dir: str | Path, settings: TrainSettings,
     torch.manual_seed(settings.seed)
     model = V2Flow(config, llm_embed=llm_embed).train()
     ema = copy.deepcopy(model).eval()
-    opt = torch.optim.AdamW(param_groups(model, settings.weight_decay), lr=settings.lr, betas=(0.9, 0.95))
+    # The auxiliary head lives beside the model, so the saved model keeps the official layout.
+    aux_head = torch.nn.Linear(config.llm_dim, config.token_dim) if settings.aux_recon else None
+    groups = param_groups(model, settings.weight_decay)
+    if aux_head is not None:
+        groups.append({"params": list(aux_head.parameters()), "weight_decay": 0.0})
+    opt = torch.optim.AdamW(groups, lr=settings.lr, betas=(0.9, 0.95))
     gen = torch.Generator().manual_seed(settings.seed)
     rng = np.random.default_rng(settings.seed)
     step = 0
@@ -111,6 +117,8 @@ def train(config: V2FlowConfig, out_dir: str | Path, settings: TrainSettings,
             raise CheckpointError(f"{state_path} was written for a different config; use a new output folder")
         model.load_state_dict(st["model"])
         ema.load_state_dict(st["ema"])
+        if aux_head is not None and "aux_head" in st:
+            aux_head.load_state_dict(st["aux_head"])
         opt.load_state_dict(st["optimizer"])
         gen.set_state(st["torch_rng"])
         rng = np.random.default_rng(int(st["step"]) + settings.seed * 1_000_003)
@@ -118,7 +126,8 @@ def train(config: V2FlowConfig, out_dir: str | Path, settings: TrainSettings,
 
     def save_state() -> None:
         payload = {"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
-                   "step": step, "torch_rng": gen.get_state(), "config": config.to_dict()}
+                   "step": step, "torch_rng": gen.get_state(), "config": config.to_dict(),
+                   **({"aux_head": aux_head.state_dict()} if aux_head is not None else {})}
         _atomic_write(state_path, lambda p: torch.save(payload, p))
 
     start = time.time()
@@ -130,17 +139,17 @@ def train(config: V2FlowConfig, out_dir: str | Path, settings: TrainSettings,
         batch = torch.from_numpy(sampler.sample(settings.batch_size, rng))           # (B, 3, H, W)
         with torch.no_grad():
             latent = codec.encode(batch)
-        losses = model(latent, gen)
+        losses = model(latent, gen, aux_head)
         opt.zero_grad(set_to_none=True)
         losses["loss"].backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
+        grad_norm = torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], settings.grad_clip)
         opt.step()
         ema_update(ema, model, settings.ema_decay)
         step += 1
         bar.update(1)
         if step % 25 == 0 or step == 1:
             rec = {"step": step, "loss": float(losses["loss"]), "flow": float(losses["flow"]),
-                   "vq": float(losses["vq"]), "grad_norm": float(grad_norm),
+                   "vq": float(losses["vq"]), "aux": float(losses["aux"]), "grad_norm": float(grad_norm),
                    "codes_in_batch": int(losses["codes"]),
                    "lr": opt.param_groups[0]["lr"], "minutes": (time.time() - start) / 60}
             log.write(json.dumps(rec) + "\n")
