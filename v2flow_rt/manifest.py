@@ -78,10 +78,18 @@ def _atomic_write_text(path: Path, text: str) -> None:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~current_umask())   # mkstemp makes it owner-only; a manifest is meant to be shared
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def current_umask() -> int:
+    """The process umask (os.umask can only be read by setting it)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 # ----------------------------------------------------------------------------- manifest
@@ -106,6 +114,7 @@ class Manifest:
         precision_notes: precision → stage → what was kept in fp32 or excluded from quantization, and why.
         constants: small host-side tensors the runtime needs (``fake_latent``, the unconditional vector).
         notes: free-form remarks (skipped stages and why).
+        timings: seconds spent per export phase.
         created: ISO-8601 UTC time of the export.
     """
 
@@ -123,6 +132,7 @@ class Manifest:
     precision_notes: dict[str, dict[str, Any]] = field(default_factory=dict)
     constants: dict[str, list[float]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
     created: str = ""
     folder: Path | None = field(default=None, compare=False)
 
@@ -142,7 +152,8 @@ class Manifest:
             raise ArtifactError("this manifest was not loaded from or written to a folder")
         if precision not in self.files:
             raise ArtifactError(f"precision {precision!r} was not exported to {self.folder}; it holds "
-                                f"{', '.join(self.files) or 'no precision'} (known precisions: {', '.join(PRECISIONS)})")
+                                f"{', '.join(self.files) or 'no precision'} "
+                                f"(known precisions: {', '.join(PRECISIONS)})")
         per = self.files[precision]
         if stage not in per:
             raise ArtifactError(f"stage {stage!r} was not exported at {precision} to {self.folder}; "
@@ -190,7 +201,7 @@ class Manifest:
             "source_checkpoint_sha256": self.source_checkpoint_sha256, "source_checkpoint": self.source_checkpoint,
             "versions": self.versions, "parity": self.parity, "quality": self.quality,
             "precision_notes": self.precision_notes, "constants": self.constants, "notes": self.notes,
-            "created": self.created,
+            "timings": self.timings, "created": self.created,
         }
 
     @classmethod
@@ -213,7 +224,7 @@ class Manifest:
                 and isinstance(sha, dict)):
             raise ArtifactError(f"{where}: 'files' must map precision → stage → file and 'sha256' file → hash")
         optional = ("stage_options", "source_checkpoint", "versions", "parity", "quality", "precision_notes",
-                    "constants", "notes", "created")
+                    "constants", "notes", "timings", "created")
         return cls(config=config, stages=data["stages"], files=files, sha256=sha, opset=int(data["opset"]),
                    source_checkpoint_sha256=str(data["source_checkpoint_sha256"]),
                    **{k: data[k] for k in optional if k in data})

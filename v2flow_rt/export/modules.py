@@ -68,10 +68,14 @@ class Tokenizer(nn.Module):
         self.register_buffer("llm_embed_tokens", model.llm_embed_tokens.detach().clone())   # [V, d]
         self.register_buffer("codebook_t", model.quantizer.codebook.detach().t().contiguous())  # [d, K]
 
-    def forward(self, latent: torch.Tensor) -> torch.Tensor:
+    def similarities(self, latent: torch.Tensor) -> torch.Tensor:
+        """Cosine similarity of each token's vocabulary mix to every code [B, N, K] (for tie checks)."""
         p = self.downsampler(latent).softmax(dim=-1)                          # (B, N, V)
         mixed = p @ self.llm_embed_tokens                                     # (B, N, d)
-        return (l2norm(mixed) @ self.codebook_t).argmax(dim=-1)               # (B, N)
+        return l2norm(mixed) @ self.codebook_t                                # (B, N, K)
+
+    def forward(self, latent: torch.Tensor) -> torch.Tensor:
+        return self.similarities(latent).argmax(dim=-1)                       # (B, N)
 
 
 class TokenEmbed(nn.Module):

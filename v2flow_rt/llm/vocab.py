@@ -15,6 +15,9 @@ the median row norm of the LM's table. When the codeword width differs from the 
 codewords are mapped first: by the least-squares map from V2Flow's embedding table to the LM's when both
 tables cover the same vocabulary (the resampler was built on a sibling LM sharing the tokenizer), else by a
 seeded random semi-orthogonal matrix (which preserves angles between codewords as well as a linear map can).
+``<boi>``/``<eoi>`` get seeded random directions at the same norm. Untied LM-head rows of the new tokens
+point along their input embeddings at the head's median row norm, so at the start the LM scores visual
+token k by how far its hidden state points along codeword k (what a tied-embedding LM does).
 
 This module imports numpy only at load; torch and transformers are imported by ``expand_vocabulary``.
 """
@@ -210,8 +213,8 @@ def _load_v2flow(v2flow_model: Any) -> tuple[Any, str]:
     """A V2Flow instance or a folder / "default" → (model, sha256 of its weights)."""
     if isinstance(v2flow_model, (str, os.PathLike)):
         from ..reference.checkpoint import WEIGHTS_NAME, from_pretrained, resolve_model_path
-        model = from_pretrained(v2flow_model)
-        return model, file_sha256(resolve_model_path(v2flow_model) / WEIGHTS_NAME)
+        path = os.fspath(v2flow_model)
+        return from_pretrained(path), file_sha256(resolve_model_path(path) / WEIGHTS_NAME)
     if not hasattr(v2flow_model, "quantizer") or not hasattr(v2flow_model, "config"):
         raise LLMError(f"expected a V2Flow model or its folder, got {type(v2flow_model).__name__}")
     return v2flow_model, v2flow_sha256(v2flow_model)
@@ -244,13 +247,13 @@ def expand_vocabulary(lm_dir: str | os.PathLike[str], v2flow_model: Any, out_dir
     try:
         tokenizer = AutoTokenizer.from_pretrained(lm_path)
     except (OSError, ValueError, KeyError) as exc:
-        raise LLMError(f"cannot load the tokenizer of {str(lm_path)!r}: {exc}") from exc
+        raise LLMError(f"unknown LM directory layout in {str(lm_path)!r}: cannot load its tokenizer: {exc}") from exc
     existing = tokenizer.get_vocab()
     if BOI_TOKEN in existing or VISUAL_TOKEN.format(0) in existing:
         raise LLMError(f"vocabulary of {str(lm_path)!r} is already expanded: its tokenizer has "
                        f"{BOI_TOKEN!r} / {VISUAL_TOKEN.format(0)!r}")
     try:
-        lm = AutoModelForCausalLM.from_pretrained(lm_path, dtype="auto")
+        lm: Any = AutoModelForCausalLM.from_pretrained(lm_path, dtype="auto")
     except (OSError, ValueError, KeyError) as exc:
         raise LLMError(f"unknown LM directory layout in {str(lm_path)!r}: transformers cannot load it as a "
                        f"causal LM ({config.get('model_type')!r}): {exc}") from exc
