@@ -24,11 +24,11 @@ from v2flow_rt.cli import main
 from v2flow_rt.config import V2FlowConfig, get_preset
 from v2flow_rt.data import HELDOUT_PHOTOS, eval_crops
 from v2flow_rt.errors import ArtifactError, ExportError, ParityError
-from v2flow_rt.export import modules as M
 from v2flow_rt.export.onnx import export_model
 from v2flow_rt.export.precision import convert_fp16, ort_session
 from v2flow_rt.export.validate import FP32_MAX_REL, stage_parity, validate_folder
 from v2flow_rt.manifest import MANIFEST_NAME, PRECISIONS, Manifest
+from v2flow_rt.reference import stage_modules as M
 from v2flow_rt.reference.checkpoint import save_pretrained
 from v2flow_rt.reference.model import TorchStages, V2Flow
 from v2flow_rt.sampling import SamplerSettings, host_ode

@@ -96,7 +96,7 @@ class V2FlowPipeline:
             from .engines.ort import OrtEngine
             provider = {"ort": "cpu", "ort-cuda": "cuda", "ort-tensorrt": "tensorrt"}[backend]
             engine = OrtEngine(folder, precision, provider=provider, threads=threads, **engine_kwargs)
-        manifest = engine.manifest  # type: ignore[attr-defined]
+        manifest = engine.manifest
         return cls(engine, manifest.config, manifest.fake_latent, int(manifest.stage_options.get("max_batch", 16)))
 
     @classmethod
@@ -114,7 +114,7 @@ class V2FlowPipeline:
             if not source or not Path(source).exists():
                 raise ArtifactError(f"{path} records no reachable source checkpoint ({source!r}); pass the model "
                                     f"folder itself for a torch backend")
-        model = from_pretrained(source)
+        model = from_pretrained(str(source))
         mode = {"torch": "eager", "torch-compile": "compile", "torch-cudagraph": "cudagraph"}[backend]
         engine = TorchEngine(model, mode=mode, device=device, precision=precision, threads=threads, **engine_kwargs)
         fake = model.fake_latent.detach().float().cpu().numpy()

@@ -8,6 +8,7 @@ stage specs' min/opt/max profiles). onnxruntime-gpu replaces onnxruntime: instal
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ def _ort() -> Any:
     return onnxruntime
 
 
-def _trt_profile(shapes: dict[str, tuple[tuple[int, ...], ...]], which: int) -> str:
+def _trt_profile(shapes: Mapping[str, tuple[tuple[int, ...], ...]], which: int) -> str:
     return ",".join(f"{name}:{'x'.join(str(d) for d in s[which])}" for name, s in shapes.items())
 
 

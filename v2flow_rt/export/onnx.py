@@ -42,18 +42,11 @@ from ..errors import ExportError, V2FlowError
 from ..manifest import MANIFEST_NAME, PRECISIONS, Manifest, checkpoint_sha256, current_umask, file_sha256, record_stage
 from ..reference.checkpoint import from_pretrained, resolve_model_path
 from ..reference.model import V2Flow
+from ..reference.stage_modules import Codec, codec_available, stage_modules
 from ..sampling import SamplerSettings
 from ..stages import STAGE_NAMES, StageSpec, stage_specs
-from .modules import Codec, codec_available, stage_modules
-from .precision import (
-    EXTERNAL_DATA_BYTES,
-    convert_stage,
-    graph_files,
-    ort_session,
-    photo_crops,
-    record_stage_inputs,
-    train_crops,
-)
+from .calibration import photo_crops, record_stage_inputs, train_crops
+from .precision import EXTERNAL_DATA_BYTES, convert_stage, graph_files, ort_session
 
 CODEC_STAGES = ("codec_encode", "codec_decode")
 

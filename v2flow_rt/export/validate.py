@@ -208,7 +208,7 @@ def measure_quality(folder: Path, model: V2Flow, images: np.ndarray, settings: A
     from ..manifest import Manifest
     from ..metrics import psnr
     from ..pipeline import V2FlowPipeline
-    from .modules import stage_module
+    from ..reference.stage_modules import stage_module
 
     manifest = Manifest.load(folder, verify=False)
     original = from_model_range(images)
@@ -398,10 +398,10 @@ def _validate(folder: Path, json: bool, seed: int | None, photos: bool) -> Valid
     modules: dict[str, Any] = {}
     photo_feeds: dict[str, list[Feeds]] = {}
     if model is not None:
+        from ..reference.stage_modules import codec_available, stage_modules
         from ..sampling import SamplerSettings
         from ..stages import stage_specs
-        from .modules import codec_available, stage_modules
-        from .precision import photo_crops, record_stage_inputs
+        from .calibration import photo_crops, record_stage_inputs
 
         codec, _ = codec_available(m.config)
         specs = {s: sp for s, sp in stage_specs(m.config, **m.stage_options).items()

@@ -1,5 +1,220 @@
-"""Torch modules per stage (temporary re-export; the modules move here from export/)."""
+"""One ``torch.nn.Module`` per exported stage, with exactly the I/O names and order of ``stages.stage_specs``.
 
-from ..export.modules import stage_module, stage_modules
+Each wrapper holds only the parts of the reference model its stage needs (so its parameter count is the
+graph's weight size) and computes what the reference computes, in the same order of operations:
 
-__all__ = ["stage_module", "stage_modules"]
+| module | reference it mirrors |
+|---|---|
+| ``CodecEncode`` / ``CodecDecode`` | ``PatchCodec`` / ``DCAECodec`` ``encode`` / ``decode`` |
+| ``Tokenizer`` | ``V2Flow.tokenize`` (deterministic softmax path) |
+| ``TokenEmbed`` | ``V2Flow.embed_ids`` (without the host-side range check) |
+| ``MarStep`` | ``forward_mae_decoder(forward_mae_encoder(tokens, buffer, keep_idx), keep_idx)`` |
+| ``Velocity`` | ``V2Flow.velocity`` |
+| ``Ode`` / ``OdeCfg`` | ``sampling.integrate`` over ``V2Flow.velocity`` (the host solver, all steps unrolled) |
+
+The fused ODE graphs call the very solver functions of ``sampling.solvers`` on torch tensors, so the
+solver math exists once. What does not change between steps is hoisted: ``cond_embed(z)`` runs once per
+call and the K time embeddings are computed at construction and stored as constants.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import V2FlowConfig
+from ..errors import ExportError
+from ..sampling.solvers import SOLVER_FUNCS, integrate, sigma_grid
+from ..stages import STAGE_NAMES, StageSpec
+from .codecs import DCAECodec, PatchCodec, build_codec
+from .model import V2Flow
+from .resampler import l2norm
+from .transformer import SimpleMLPAdaLN
+
+Codec = PatchCodec | DCAECodec
+
+
+class CodecEncode(nn.Module):
+    """images [B, 3, H, W] in [-1, 1] → scaled latent [B, C, g, g]."""
+
+    def __init__(self, codec: Codec) -> None:
+        super().__init__()
+        self.codec = codec
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.codec.encode(images)
+
+
+class CodecDecode(nn.Module):
+    """scaled latent [B, C, g, g] → images [B, 3, H, W]."""
+
+    def __init__(self, codec: Codec) -> None:
+        super().__init__()
+        self.codec = codec
+
+    def forward(self, latent: torch.Tensor) -> torch.Tensor:
+        return self.codec.decode(latent)
+
+
+class Tokenizer(nn.Module):
+    """latent [B, C, g, g] → ids [B, N] int64: downsampler → softmax → @E → l2norm → @codebookᵀ → argmax."""
+
+    def __init__(self, model: V2Flow) -> None:
+        super().__init__()
+        self.downsampler = model.downsampler
+        self.register_buffer("llm_embed_tokens", model.llm_embed_tokens.detach().clone())   # [V, d]
+        self.register_buffer("codebook_t", model.quantizer.codebook.detach().t().contiguous())  # [d, K]
+
+    def similarities(self, latent: torch.Tensor) -> torch.Tensor:
+        """Cosine similarity of each token's vocabulary mix to every code [B, N, K] (for tie checks)."""
+        p = self.downsampler(latent).softmax(dim=-1)                          # (B, N, V)
+        mixed = p @ self.llm_embed_tokens                                     # (B, N, d)
+        return l2norm(mixed) @ self.codebook_t                                # (B, N, K)
+
+    def forward(self, latent: torch.Tensor) -> torch.Tensor:
+        return self.similarities(latent).argmax(dim=-1)                       # (B, N)
+
+
+class TokenEmbed(nn.Module):
+    """ids [B, N] int64 → buffer [B, N, D] = projector(codebook[ids])."""
+
+    def __init__(self, model: V2Flow) -> None:
+        super().__init__()
+        self.register_buffer("codebook", model.quantizer.codebook.detach().clone())     # [K, d]
+        self.projector = model.projector
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.projector(F.embedding(ids, self.codebook))
+
+
+class MarStep(nn.Module):
+    """tokens [B, L, C], buffer [B, N, D], keep_idx [B, N+K] int64 → z [B, L, Dz] (gather/scatter, no NonZero).
+
+    Delegates to the reference ``forward_mae_encoder`` / ``forward_mae_decoder`` (the model is held
+    whole; its other parts are not reached by the traced graph).
+    """
+
+    def __init__(self, model: V2Flow) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens: torch.Tensor, buffer: torch.Tensor, keep_idx: torch.Tensor) -> torch.Tensor:
+        x = self.model.forward_mae_encoder(tokens, buffer, keep_idx)          # (B, N+K, D)
+        return self.model.forward_mae_decoder(x, keep_idx)                    # (B, L, Dz)
+
+
+class Velocity(nn.Module):
+    """x [M, C], t [M] (σ·1000), c [M, Dz] → v [M, C]."""
+
+    def __init__(self, model: V2Flow) -> None:
+        super().__init__()
+        self.net: SimpleMLPAdaLN = model.flowloss.net
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        return self.net(x, t, c)
+
+
+class _FusedOde(nn.Module):
+    """Shared part of the fused ODE graphs: the velocity net with the per-step time embedding as a constant."""
+
+    def __init__(self, model: V2Flow, solver: str, steps: int, shift: float) -> None:
+        super().__init__()
+        if solver not in SOLVER_FUNCS:
+            raise ExportError(f"unknown solver {solver!r}; choose one of {sorted(SOLVER_FUNCS)}")
+        self.net: SimpleMLPAdaLN = model.flowloss.net
+        self.solver, self.steps, self.shift = solver, steps, shift
+        sigmas = sigma_grid(steps, shift)
+        # The host loop feeds t = float32(σ·1000) per row (sampling.loop.guided_velocity); the same float32
+        # value here gives the same embedding, bit for bit, as the reference velocity call.
+        t = torch.tensor([float(s) * 1000.0 for s in sigmas], dtype=torch.float32)
+        with torch.no_grad():
+            emb = self.net.time_embed(t)                                      # (K+1, W)
+        self.register_buffer("time_emb", emb.detach().clone())
+        self._index = {float(s): i for i, s in enumerate(sigmas)}
+
+    def _t_emb(self, sigma: float) -> torch.Tensor:
+        i = self._index.get(sigma)
+        if i is None:  # the solvers only evaluate at grid points; anything else is a solver change
+            raise ExportError(f"solver {self.solver!r} evaluated σ={sigma}, which is not on the {self.steps}-step grid")
+        return self.time_emb[i: i + 1]                                        # (1, W)
+
+    def _velocity(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The body of ``SimpleMLPAdaLN.forward`` after the condition y is formed."""
+        h = self.net.input_proj(x)
+        for block in self.net.res_blocks:
+            h = block(h, y)
+        return self.net.final_layer(h, y)
+
+    def _solve(self, f: Callable[[torch.Tensor, float], torch.Tensor], noise: torch.Tensor) -> torch.Tensor:
+        return integrate(self.solver, f, noise, self.steps, self.shift)
+
+
+class Ode(_FusedOde):
+    """noise [M, C], z [M, Dz] → x0 [M, C]: every solver step in one graph."""
+
+    def forward(self, noise: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        c_emb = self.net.cond_embed(z)                                        # (M, W), once per call
+
+        def f(x: torch.Tensor, sigma: float) -> torch.Tensor:
+            return self._velocity(x, c_emb + self._t_emb(sigma))
+
+        return self._solve(f, noise)
+
+
+class OdeCfg(_FusedOde):
+    """noise [M, C], z [M, Dz], z_uncond [M, Dz], cfg_scale [1] → guided x0 [M, C].
+
+    Cond and uncond rows run as one batched [2M] call per evaluation, mixed v_u + s·(v_c − v_u), exactly
+    as ``sampling.loop.guided_velocity`` does on the host.
+    """
+
+    def forward(self, noise: torch.Tensor, z: torch.Tensor, z_uncond: torch.Tensor,
+                cfg_scale: torch.Tensor) -> torch.Tensor:
+        m = noise.shape[0]
+        c_emb = self.net.cond_embed(torch.cat([z, z_uncond], dim=0))          # (2M, W), once per call
+
+        def f(x: torch.Tensor, sigma: float) -> torch.Tensor:
+            v = self._velocity(torch.cat([x, x], dim=0), c_emb + self._t_emb(sigma))   # (2M, C)
+            v_c, v_u = v[:m], v[m:]
+            return v_u + cfg_scale * (v_c - v_u)
+
+        return self._solve(f, noise)
+
+
+def stage_module(name: str, model: V2Flow, spec: StageSpec, codec: Codec | None = None) -> nn.Module:
+    """The eval-mode wrapper of stage ``name`` (ODE settings from ``spec.attrs``)."""
+    if name in ("codec_encode", "codec_decode"):
+        if codec is None:
+            codec = build_codec(model.config)
+        mod: nn.Module = CodecEncode(codec) if name == "codec_encode" else CodecDecode(codec)
+    elif name == "tokenizer":
+        mod = Tokenizer(model)
+    elif name == "token_embed":
+        mod = TokenEmbed(model)
+    elif name == "mar_step":
+        mod = MarStep(model)
+    elif name == "velocity":
+        mod = Velocity(model)
+    elif name in ("ode", "ode_cfg"):
+        cls = Ode if name == "ode" else OdeCfg
+        mod = cls(model, str(spec.attrs["solver"]), int(spec.attrs["steps"]), float(spec.attrs["shift"]))
+    else:
+        raise ExportError(f"unknown stage {name!r}; stages are {list(STAGE_NAMES)}")
+    return mod.eval()
+
+
+def stage_modules(model: V2Flow, specs: dict[str, StageSpec], codec: Codec | None = None,
+                  ) -> dict[str, nn.Module]:
+    """``stage_module`` for every spec, sharing one codec."""
+    return {name: stage_module(name, model, spec, codec) for name, spec in specs.items()}
+
+
+def codec_available(config: V2FlowConfig, dcae_path: str | None = None) -> tuple[Codec | None, str]:
+    """(codec, "") when the config's codec can be built here, else (None, why not)."""
+    try:
+        return build_codec(config, dcae_path), ""
+    except Exception as exc:  # BackendUnavailable, CheckpointError: the codec stages are then skipped
+        return None, str(exc)
