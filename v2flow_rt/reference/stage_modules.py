@@ -27,7 +27,7 @@ from torch import nn
 
 from ..config import V2FlowConfig
 from ..errors import ExportError
-from ..sampling.solvers import SOLVER_FUNCS, integrate, sigma_grid
+from ..sampling.solvers import SOLVER_FUNCS, sigma_grid
 from ..stages import STAGE_NAMES, StageSpec
 from .codecs import DCAECodec, PatchCodec, build_codec
 from .model import V2Flow
@@ -134,6 +134,8 @@ class _FusedOde(nn.Module):
             emb = self.net.time_embed(t)                                      # (K+1, W)
         self.register_buffer("time_emb", emb.detach().clone())
         self._index = {float(s): i for i, s in enumerate(sigmas)}
+        # Plain Python floats: no numpy inside forward, so torch.compile traces the loop cleanly.
+        self._sigmas = tuple(float(s) for s in sigmas)
 
     def _t_emb(self, sigma: float) -> torch.Tensor:
         i = self._index.get(sigma)
@@ -149,7 +151,8 @@ class _FusedOde(nn.Module):
         return self.net.final_layer(h, y)
 
     def _solve(self, f: Callable[[torch.Tensor, float], torch.Tensor], noise: torch.Tensor) -> torch.Tensor:
-        return integrate(self.solver, f, noise, self.steps, self.shift)
+        # Same solver function as ``sampling.integrate(solver, f, x, steps, shift)``, on the same grid.
+        return SOLVER_FUNCS[self.solver](f, noise, self._sigmas)
 
 
 class Ode(_FusedOde):
