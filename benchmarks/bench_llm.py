@@ -18,6 +18,7 @@ import json
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +42,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM, LogitsProcessor, LogitsProcessorList
 
     from v2flow_rt.llm.export import VARIANT_FILES
-    from v2flow_rt.llm.generate import GenerationSettings, OrtStep, PromptEncoder, TorchStep, generate_visual_tokens
+    from v2flow_rt.llm.generate import (
+        GenerationSettings,
+        OrtStep,
+        PromptEncoder,
+        StepFn,
+        TorchStep,
+        generate_visual_tokens,
+    )
     from v2flow_rt.llm.generate import left_pad as pad
     from v2flow_rt.llm.t2i import llm_onnx_dir, resolve_lm_path
     from v2flow_rt.llm.vocab import VisualVocab
@@ -71,13 +79,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                  logits_processor=LogitsProcessorList([VisualOnly()]))
         return out[:, ids.shape[1]:].numpy() - lo
 
-    runners = {"transformers_generate": hf_generate}
-    steps = {"torch_loop": TorchStep(model)}
+    def loop(step: StepFn) -> Callable[[], np.ndarray]:
+        return lambda: generate_visual_tokens(step, prompts, vocab, greedy)
+
+    runners: dict[str, Callable[[], np.ndarray]] = {"transformers_generate": hf_generate,
+                                                    "torch_loop": loop(TorchStep(model))}
     for name in ("fp32", "int8", "int8-block"):
         if (onnx_dir / VARIANT_FILES[name]).is_file():
-            steps[f"ort_{name}"] = OrtStep.from_file(onnx_dir / VARIANT_FILES[name], a.threads)
-    for name, step in steps.items():
-        runners[name] = lambda step=step: generate_visual_tokens(step, prompts, vocab, greedy)
+            runners[f"ort_{name}"] = loop(OrtStep.from_file(onnx_dir / VARIANT_FILES[name], a.threads))
 
     codes = {name: run() for name, run in runners.items()}
     for _ in range(a.warmup - 1):

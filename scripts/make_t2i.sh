@@ -3,7 +3,10 @@
 # (v2flow_rt/assets/default), then measure it. Needed again whenever assets/default changes: the LM's
 # visual tokens are that model's codes (v2flow.json records its sha256 and loading refuses a mismatch).
 #
-#   bash scripts/make_t2i.sh            # ~20 min training on one core, ~5 min of measurements
+#   bash scripts/make_t2i.sh            # ~20 min training on one core, ~10 min of measurements
+#
+# --bundle writes a short README.md into the bundle; the figures in the committed README come from the
+# runs/t2i/*.json files this script writes (conditioning, export quality in runs/t2i/onnx, speed).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . .venv/bin/activate
