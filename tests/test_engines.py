@@ -60,7 +60,8 @@ def test_onnx_runtime_gpu_providers_refuse_clearly(tmp_path) -> None:
     from v2flow_rt.reference.model import V2Flow
 
     folder = tmp_path / "export"
-    export_model(V2Flow(get_preset("tiny")), folder, precisions=("fp32",), progress=False)
+    export_model(V2Flow(get_preset("tiny")), folder, precisions=("fp32",), progress=False, stages=("velocity",),
+                 validate=False, quality=False)
     with pytest.raises(BackendUnavailable, match="onnxruntime-gpu"):
         OrtEngine(folder, provider="cuda")
 
