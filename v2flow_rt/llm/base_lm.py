@@ -307,7 +307,7 @@ def create_base_lm(out_dir: str | os.PathLike[str], *, vocab_size: int = 1024, h
         tmp.chmod(0o755)  # mkdtemp makes it private; the folder is a shipped asset
         for f in tmp.iterdir():
             f.chmod(0o644)
-        _replace_dir(tmp, out)
+        replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
@@ -353,7 +353,7 @@ def _portable_tokenizer_class(config_path: Path) -> None:
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
-def _replace_dir(src: Path, dst: Path) -> None:
+def replace_dir(src: Path, dst: Path) -> None:
     """Move ``src`` to ``dst``; an existing ``dst`` is moved aside first so a reader never sees a mix."""
     if not dst.exists():
         os.rename(src, dst)

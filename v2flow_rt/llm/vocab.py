@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import LLMError
+from .base_lm import replace_dir
 
 META_NAME = "v2flow.json"
 META_FORMAT = "v2flow-rt/visual-vocab"
@@ -318,8 +319,3 @@ def expand_vocabulary(lm_dir: str | os.PathLike[str], v2flow_model: Any, out_dir
         shutil.rmtree(tmp, ignore_errors=True)
     return out
 
-
-def replace_dir(src: Path, dst: Path) -> None:
-    """Move the finished folder ``src`` onto ``dst`` so a reader never sees a half-written folder."""
-    from .base_lm import _replace_dir
-    _replace_dir(src, dst)

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..config import DCAE_SCALE, PRESETS, V2FlowConfig
+from ..config import DCAE_SCALE, V2FlowConfig
 from ..errors import CheckpointError, ConfigError
 from .model import V2Flow
 
@@ -195,6 +195,3 @@ def export_official(model: V2Flow, path: str | Path, ema_state: dict[str, torch.
     _atomic_write(out, lambda p: torch.save(payload, p))
     return out
 
-
-def official_preset_names() -> list[str]:
-    return [n for n in PRESETS if n != "tiny"]
