@@ -199,3 +199,11 @@ def test_from_pretrained_errors(tiny_model, tmp_path) -> None:
     (folder / "config.json").unlink()
     with pytest.raises(CheckpointError, match="no config.json"):
         from_pretrained(folder)
+
+
+def test_export_official_refuses_a_resampler_offset(tiny_model, tmp_path) -> None:
+    # The tiny preset's constant resampler channel has no counterpart in the official code.
+    target = tmp_path / "checkpoint-last.pth"
+    with pytest.raises(CheckpointError, match="resampler_offset"):
+        export_official(tiny_model, target)
+    assert not target.exists()

@@ -153,3 +153,7 @@ def test_evaluate_conditioning_end_to_end(expanded_lm, llm_v2flow) -> None:  # n
     assert report["images"]["coffee"].shape == (6, 64, 64, 3) and report["references"]["brick"].shape == (8, 64, 64, 3)
     for key in ("accuracy", "accuracy_vs_raw_crops", "ceiling_vs_raw_crops", "ceiling_vs_decoded_crops"):
         assert 0.0 <= report[key] <= 1.0, key
+    # Per-prompt figures against raw crops average (6 images per prompt) to the overall one.
+    per_raw = report["per_prompt_vs_raw_crops"]
+    assert set(per_raw) == {"coffee", "brick"}
+    assert abs(sum(per_raw.values()) / 2 - report["accuracy_vs_raw_crops"]) < 1e-12

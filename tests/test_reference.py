@@ -8,7 +8,7 @@ import torch
 from conftest import official_small_config
 
 from v2flow_rt.config import get_preset
-from v2flow_rt.errors import ShapeError
+from v2flow_rt.errors import ConfigError, ShapeError
 from v2flow_rt.reference.model import V2Flow, keep_indices
 from v2flow_rt.reference.resampler import rotate_to
 from v2flow_rt.sampling import SamplerSettings
@@ -119,6 +119,33 @@ def test_tokenize_deterministic_by_default_and_gumbel_seeded(tiny_model: V2Flow)
         tiny_model.tokenize(torch.randn(1, 192, 4, 4))
 
 
+
+def test_resampler_offset_makes_brightness_visible() -> None:
+    # Without the constant channel the resampler cannot tell a latent from the same latent scaled by
+    # any positive factor (bias-free 1×1 conv → LayerNorm first): every gray level tokenizes alike.
+    # LayerNorm's eps (1e-5) is the only thing breaking the invariance, hence the 1e-3 tolerance.
+    torch.manual_seed(0)
+    latent = torch.randn(2, 192, 8, 8)
+    plain = V2Flow(get_preset("tiny", resampler_offset=0.0)).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(plain.downsampler(2.5 * latent), plain.downsampler(latent), rtol=1e-3, atol=1e-3)
+        gray = torch.ones(1, 192, 8, 8)
+        assert torch.equal(plain.tokenize(0.2 * gray), plain.tokenize(0.9 * gray))
+    torch.manual_seed(0)
+    shifted = V2Flow(get_preset("tiny")).eval()
+    assert shifted.config.resampler_offset == 3.0
+    assert shifted.downsampler.s1.b1.conv1.conv.weight.shape[1] == 193
+    with torch.no_grad():
+        diff = (shifted.downsampler(2.5 * latent) - shifted.downsampler(latent)).abs().max()
+    assert diff > 0.05
+    # The constant channel is exactly a concatenated plane: an offset-free resampler fed [latent, 3]
+    # with the same weights gives the same logits.
+    with torch.no_grad():
+        shifted.downsampler.offset = 0.0
+        manual = shifted.downsampler(torch.cat([latent, torch.full_like(latent[:, :1], 3.0)], 1))
+        shifted.downsampler.offset = 3.0
+        torch.testing.assert_close(shifted.downsampler(latent), manual, rtol=0, atol=0)
+
 def test_rotation_trick_value_and_gradient() -> None:
     torch.manual_seed(0)
     src = torch.randn(5, 8, requires_grad=True)
@@ -163,6 +190,50 @@ def test_training_step_reduces_loss_on_a_fixed_batch() -> None:
         loss.backward()
         opt.step()
     assert loss_now() < 0.8 * first
+
+
+def test_training_phases_touch_only_their_half() -> None:
+    torch.manual_seed(0)
+    model = V2Flow(get_preset("tiny", codebook_size=256)).train()
+    aux = torch.nn.Linear(128, 192)
+    latent = torch.randn(2, 192, 8, 8) * 0.5
+    resampler = list(model.downsampler.parameters())
+    decoder = list(model.flowloss.parameters()) + list(model.encoder_blocks.parameters())
+
+    def grads(phase: str) -> tuple[bool, bool, bool]:
+        model.zero_grad(set_to_none=True)
+        codes = model.quantizer.codebook.clone()
+        out = model(latent, torch.Generator().manual_seed(3), aux, phase=phase)
+        out["loss"].backward()
+        moved = not torch.equal(codes, model.quantizer.codebook)
+        return (any(p.grad is not None and p.grad.abs().sum() > 0 for p in resampler),
+                any(p.grad is not None and p.grad.abs().sum() > 0 for p in decoder), moved)
+
+    assert grads("tokenizer") == (True, False, True)
+    assert grads("decoder") == (False, True, False)
+    assert grads("joint") == (True, True, True)
+    with pytest.raises(ConfigError, match="phase"):
+        model(latent, phase="both")
+    with pytest.raises(ConfigError, match="aux_head"):
+        model(latent, phase="tokenizer")
+
+
+def test_two_phase_training_saves_the_frozen_tokenizer(tmp_path) -> None:
+    from v2flow_rt.reference.checkpoint import from_pretrained
+    from v2flow_rt.reference.train import TrainSettings, lr_at, train
+
+    cfg = get_preset("tiny", codebook_size=256, encoder_depth=1, decoder_depth=1, flow_depth=1)
+    s = TrainSettings(steps=5, tokenizer_steps=2, batch_size=2, warmup=1, aux_recon=True, save_every=100)
+    final = from_pretrained(train(cfg, tmp_path, s, photos=["coffee"], progress=False))
+    state = torch.load(tmp_path / "train_state.pt", map_location="cpu", weights_only=True)
+    # The saved EMA model holds exactly the live tokenizer, which stopped changing at step 2.
+    for key, value in final.downsampler.state_dict().items():
+        assert torch.equal(value, state["model"][f"downsampler.{key}"]), key
+    assert torch.equal(final.quantizer.codebook, state["model"]["quantizer._codebook.embed"][0])
+    # Each phase warms up from its own start.
+    assert lr_at(0, s) == lr_at(2, s) == s.lr / s.warmup * 1
+    with pytest.raises(ConfigError, match="aux_recon"):
+        train(cfg, tmp_path / "x", TrainSettings(steps=5, tokenizer_steps=2), progress=False)
 
 
 def test_sample_tokens_reproducible_and_shaped(tiny_model: V2Flow) -> None:

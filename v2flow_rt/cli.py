@@ -25,7 +25,8 @@ def _cmd_train(a: argparse.Namespace) -> int:
     embed = torch.from_numpy(load_embedding_table(a.llm)) if a.llm else None
     settings = TrainSettings(steps=a.steps, batch_size=a.batch_size, lr=a.lr, seed=a.seed,
                              max_minutes=a.max_minutes, threads=a.threads, ema_decay=a.ema_decay,
-                             warmup=a.warmup, schedule=a.schedule, aux_recon=a.aux_recon)
+                             warmup=a.warmup, schedule=a.schedule, aux_recon=a.aux_recon,
+                             tokenizer_steps=a.tokenizer_steps)
     final = train(config, a.out, settings, llm_embed=embed, resume=not a.no_resume)
     print(f"saved {final}")
     return 0
@@ -208,6 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-resume", action="store_true", help="ignore an existing train_state.pt")
     p.add_argument("--aux-recon", action="store_true",
                    help="add a per-token code→token reconstruction loss (a training-only head)")
+    p.add_argument("--tokenizer-steps", type=int, default=0,
+                   help="train only the tokenizer (through the --aux-recon head) for this many steps, then "
+                        "freeze it and train only the decoder (0: joint training throughout)")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("eval", help="PSNR/SSIM on the held-out photos against the token-grid baseline")

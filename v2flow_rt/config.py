@@ -4,7 +4,8 @@ The official geometries (``base``/``large``/``huge`` × 256/512/1024) follow
 ``shared/spec/official-v2flow.md``: DC-AE f32c32 latents, one visual token per latent position,
 16384 cosine-VQ codes living in a 4096-d LLaMA-2 embedding space (vocabulary 32000), a velocity MLP of
 width 1536 and depth 8. ``tiny`` is the geometry of the bundled default model: pixels patchified
-8×8 (a 64×64 crop gives 8×8 = 64 tokens of 192 values), small enough to train on two CPU cores.
+8×8 (a 64×64 crop gives 8×8 = 64 tokens of 192 values), small enough to train on two CPU cores; its
+resampler gets a constant input channel (``resampler_offset``), without which it cannot see brightness.
 """
 
 from __future__ import annotations
@@ -42,6 +43,11 @@ class V2FlowConfig:
     resampler_hidden: int = 512
     resampler_depth: int = 4            # bottleneck blocks per RegStage (s1 and s2)
     readout_depth: int = 2              # Linear(hidden→V) then (GELU, Linear(V→V)) × (depth − 1)
+    # A constant input channel of this value for the resampler (0 = none, as official). Its first block
+    # is a bias-free 1×1 conv then LayerNorm, so it sees only the direction of each latent vector: a
+    # pixel patch and the same patch brighter (every gray level of one sign) tokenize alike. The extra
+    # channel turns a patch's brightness into direction. DC-AE latents do without (official).
+    resampler_offset: float = 0.0
     codebook_size: int = 16384
     codebook_decay: float = 0.8
     commitment_weight: float = 1.0
@@ -128,6 +134,8 @@ class V2FlowConfig:
         need(self.latent_scale > 0 and math.isfinite(self.latent_scale),
              f"latent_scale must be a positive number, got {self.latent_scale}")
         need(self.time_shift > 0, f"time_shift must be positive, got {self.time_shift}")
+        need(isinstance(self.resampler_offset, (int, float)) and math.isfinite(self.resampler_offset),
+             f"resampler_offset must be a finite number, got {self.resampler_offset!r}")
         need(self.pos_init in ("normal", "sincos-shared"),
              f"pos_init must be 'normal' or 'sincos-shared', got {self.pos_init!r}")
         need(self.solver in SOLVERS, f"solver must be one of {SOLVERS}, got {self.solver!r}")
@@ -196,6 +204,7 @@ def _tiny() -> V2FlowConfig:
     return V2FlowConfig(
         name="tiny", img_size=64, codec="patch", codec_stride=8, latent_channels=192, latent_scale=1.0,
         llm_vocab_size=1024, llm_dim=128, resampler_hidden=96, resampler_depth=2, readout_depth=1,
+        resampler_offset=3.0,
         codebook_size=4096, dead_code_threshold=0.01,
         encoder_dim=128, encoder_depth=2, encoder_heads=4, decoder_dim=128, decoder_depth=2, decoder_heads=4,
         buffer_size=64, attn_dropout=0.0, proj_dropout=0.0, pos_init="sincos-shared", flow_width=256, flow_depth=3,

@@ -220,7 +220,8 @@ def evaluate_conditioning(t2i: TextToImage, seeds: Sequence[int] = (0, 1, 2, 3),
     - ``accuracy_vs_raw_crops``: the crops themselves; capped by the decoder's fidelity
       (``ceiling_vs_raw_crops``: fresh crops of the same photos, reconstructed, scored against them).
 
-    Returns the ``conditioning_accuracy`` report (for the decoded references) with those figures added,
+    Returns the ``conditioning_accuracy`` report (for the decoded references) with those figures (and
+    ``per_prompt_vs_raw_crops``) added,
     plus ``images`` (subject → uint8 [captions × seeds, S, S, 3], caption-major) and ``references``.
     """
     import json
@@ -246,8 +247,9 @@ def evaluate_conditioning(t2i: TextToImage, seeds: Sequence[int] = (0, 1, 2, 3),
     fresh = subject_crops(subjects, size, max(1, per_subject // 4), crop_seed + 12345, scales)
     fresh_decoded = {name: t2i.decoder.reconstruct(c, seed=0, **sampling) for name, c in fresh.items()}
     report = conditioning_accuracy(generated, decoded)
+    vs_raw = conditioning_accuracy(generated, raw)
     report.update({
-        "accuracy_vs_raw_crops": conditioning_accuracy(generated, raw)["accuracy"],
+        "accuracy_vs_raw_crops": vs_raw["accuracy"], "per_prompt_vs_raw_crops": vs_raw["per_prompt"],
         "ceiling_vs_raw_crops": conditioning_accuracy(fresh_decoded, raw)["accuracy"],
         "ceiling_vs_decoded_crops": conditioning_accuracy(fresh_decoded, decoded)["accuracy"],
         "seeds": list(seeds), "captions": sum(len(c) for _, c in subjects.values()),

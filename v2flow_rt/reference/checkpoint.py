@@ -179,8 +179,14 @@ def import_official(path: str | Path, use_ema: bool = False, allow_unexpected: b
 
 def export_official(model: V2Flow, path: str | Path, ema_state: dict[str, torch.Tensor] | None = None,
                     with_class_emb: bool = True) -> Path:
-    """Write the official layout ``{'model', 'model_ema', 'epoch', 'args'}`` (round-trips through import)."""
+    """Write the official layout ``{'model', 'model_ema', 'epoch', 'args'}`` (round-trips through import).
+
+    Raises CheckpointError for a model with a ``resampler_offset`` channel, which the official code lacks.
+    """
     cfg = model.config
+    if cfg.resampler_offset:
+        raise CheckpointError(f"model {cfg.name!r} has a constant resampler input channel (resampler_offset="
+                              f"{cfg.resampler_offset}); the official code has none and could not load it")
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     if with_class_emb:
         state["class_emb.weight"] = torch.zeros(cfg.codebook_size, cfg.llm_dim)

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import V2FlowConfig
-from ..errors import ShapeError
+from ..errors import ConfigError, ShapeError
 from ..sampling import SamplerSettings, sample_tokens
 from .resampler import STCConnector, VectorQuantize, build_mlp
 from .transformer import Block, FlowLoss, SimpleMLPAdaLN
@@ -65,7 +65,7 @@ class V2Flow(nn.Module):
         n, c, d, dd = cfg.num_tokens, cfg.token_dim, cfg.encoder_dim, cfg.decoder_dim
         # --- visual vocabulary resampler
         self.downsampler = STCConnector(c, cfg.resampler_hidden, cfg.llm_vocab_size, cfg.resampler_depth,
-                                        cfg.readout_depth)
+                                        cfg.readout_depth, cfg.resampler_offset)
         if llm_embed is None:
             llm_embed = torch.randn(cfg.llm_vocab_size, cfg.llm_dim) * 0.02
         if tuple(llm_embed.shape) != (cfg.llm_vocab_size, cfg.llm_dim):
@@ -202,20 +202,37 @@ class V2Flow(nn.Module):
 
     # ------------------------------------------------------------------ training objective
     def forward(self, latent: torch.Tensor, generator: torch.Generator | None = None,
-                aux_head: nn.Module | None = None) -> dict[str, torch.Tensor]:
+                aux_head: nn.Module | None = None, phase: str = "joint") -> dict[str, torch.Tensor]:
         """Training losses for a batch of scaled latents [B, C, h, w] (model in train mode).
 
         linear-flow objective: σ = shift(sigmoid(N(0,1))), x_σ = (1−σ)·x0 + σ·ε, target v = ε − x0, on
         masked tokens only, ``diffusion_batch_mul`` noise draws per token; plus the VQ commitment loss.
         ``aux_head`` (training only, not part of the model): a map from each quantized code to its own
         token, whose MSE is added; it gives the tokenizer a direct reconstruction gradient.
+        ``phase``: ``"joint"`` trains everything; ``"tokenizer"`` only the resampler and codebook (VQ +
+        ``aux_head`` losses; no masked transformer or flow); ``"decoder"`` freezes them (no gradient, no
+        codebook update) and trains the rest on the fixed codes.
         """
         cfg = self.config
         dev = latent.device
         bsz, seq = latent.shape[0], cfg.num_tokens
+        if phase not in ("joint", "tokenizer", "decoder"):
+            raise ConfigError(f"phase must be 'joint', 'tokenizer' or 'decoder', got {phase!r}")
+        if phase == "tokenizer" and aux_head is None:
+            raise ConfigError("the tokenizer phase trains through aux_head; pass one")
         tokens = self.latent_to_tokens(latent)                               # (B, L, C)
-        mixed = self.vocabulary_mix(latent, generator, gumbel_noise=cfg.gumbel_train and self.training)
-        quantized, ids, loss_vq = self.quantizer(mixed)
+        zero = torch.zeros((), device=dev)
+        if phase == "decoder":
+            with torch.no_grad():
+                ids = self.quantizer.lookup(self.vocabulary_mix(latent))      # (B, N)
+                quantized, loss_vq = F.embedding(ids, self.quantizer.codebook), zero
+        else:
+            mixed = self.vocabulary_mix(latent, generator, gumbel_noise=cfg.gumbel_train and self.training)
+            quantized, ids, loss_vq = self.quantizer(mixed)
+        loss_aux = F.mse_loss(aux_head(quantized), tokens) if aux_head is not None else zero
+        if phase == "tokenizer":
+            return {"loss": loss_vq + loss_aux, "flow": zero, "vq": loss_vq.detach(), "aux": loss_aux.detach(),
+                    "codes": torch.tensor(ids.unique().numel())}
         buffer = self.projector(quantized)                                   # (B, N, D)
         drop = torch.rand(bsz, generator=generator, device=dev) < cfg.label_drop_prob
         buffer = torch.where(drop[:, None, None], self.fake_latent[None].expand_as(buffer), buffer)
@@ -240,11 +257,7 @@ class V2Flow(nn.Module):
         x_t = (1 - sigma[:, None]) * x0 + sigma[:, None] * noise
         pred = self.velocity(x_t, sigma * 1000.0, z_m)
         loss_flow = F.mse_loss(pred, noise - x0)
-        loss = loss_flow + loss_vq
-        loss_aux = torch.zeros(())
-        if aux_head is not None:
-            loss_aux = F.mse_loss(aux_head(quantized), tokens)
-            loss = loss + loss_aux
+        loss = loss_flow + loss_vq + loss_aux
         return {"loss": loss, "flow": loss_flow.detach(), "vq": loss_vq.detach(), "aux": loss_aux.detach(),
                 "codes": torch.tensor(ids.unique().numel())}
 

@@ -96,15 +96,21 @@ class STCConnector(nn.Module):
     """RegStage → (identity pooling) SiLU → RegStage → MLP readout, on a 4-D NCHW latent (t = 1).
 
     The official ``AvgPool3d((1,1,1))`` is the identity and is dropped; the SiLU after it is kept.
+    ``offset`` ≠ 0 appends a constant input channel of that value (``V2FlowConfig.resampler_offset``):
+    the first block is a bias-free 1×1 conv then LayerNorm, blind to the length of each latent vector.
     """
 
-    def __init__(self, cin: int, hidden: int, cout: int, depth: int, mlp_depth: int) -> None:
+    def __init__(self, cin: int, hidden: int, cout: int, depth: int, mlp_depth: int, offset: float = 0.0) -> None:
         super().__init__()
-        self.s1 = RegStage(depth, cin, hidden)
+        self.offset = offset
+        self.s1 = RegStage(depth, cin + (1 if offset else 0), hidden)
         self.s2 = RegStage(depth, hidden, hidden)
         self.readout = build_mlp(mlp_depth, hidden, cout)
 
     def forward(self, latent: torch.Tensor) -> torch.Tensor:
+        if self.offset:
+            const = torch.full_like(latent[:, :1], self.offset)              # (B, 1, h, w)
+            latent = torch.cat([latent, const], dim=1)                       # (B, C+1, h, w)
         x = F.silu(self.s1(latent))                              # (B, hidden, h, w)
         x = self.s2(x)
         x = x.flatten(2).transpose(1, 2)                         # (B, h·w, hidden), raster order

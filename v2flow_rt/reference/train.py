@@ -8,6 +8,7 @@ warm-up only), data are random crops of real photos rather than a cached-latent 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import time
@@ -44,6 +45,9 @@ class TrainSettings:
     save_every: int = 500
     threads: int = 0                  # torch threads; 0 = torch's default
     aux_recon: bool = False           # add a per-token code → token reconstruction loss (see V2Flow.forward)
+    # > 0: the first tokenizer_steps train only the tokenizer (through the aux head), the rest only the
+    # decoder on the frozen codes; each phase has its own warm-up and cosine decay. 0: joint throughout.
+    tokenizer_steps: int = 0
 
 
 def param_groups(model: V2Flow, weight_decay: float) -> list[dict[str, Any]]:
@@ -58,6 +62,11 @@ def param_groups(model: V2Flow, weight_decay: float) -> list[dict[str, Any]]:
 
 
 def lr_at(step: int, s: TrainSettings) -> float:
+    if s.tokenizer_steps:   # two phases, each scheduled on its own
+        first = step < s.tokenizer_steps
+        phase = dataclasses.replace(s, tokenizer_steps=0, schedule="constant" if first else s.schedule,
+                                    steps=s.tokenizer_steps if first else s.steps - s.tokenizer_steps)
+        return lr_at(step if first else step - s.tokenizer_steps, phase)
     if step < s.warmup:
         return s.lr * (step + 1) / s.warmup
     if s.schedule == "constant":
@@ -86,6 +95,10 @@ def train(config: V2FlowConfig, out_dir: str | Path, settings: TrainSettings,
 
     if config.codec != "patch":
         raise ConfigError("built-in training runs on the patch codec; DC-AE training needs cached latents")
+    if settings.tokenizer_steps and not settings.aux_recon:
+        raise ConfigError("tokenizer_steps trains the tokenizer through the aux head: set aux_recon too")
+    if not 0 <= settings.tokenizer_steps < settings.steps:
+        raise ConfigError(f"tokenizer_steps must be in [0, steps={settings.steps}), got {settings.tokenizer_steps}")
     if settings.schedule not in ("cosine", "constant"):
         raise ConfigError(f"schedule must be 'cosine' or 'constant', got {settings.schedule!r}")
     if settings.threads:
@@ -136,10 +149,16 @@ def train(config: V2FlowConfig, out_dir: str | Path, settings: TrainSettings,
     while step < settings.steps:
         for group in opt.param_groups:
             group["lr"] = lr_at(step, settings)
+        phase = "joint"
+        if settings.tokenizer_steps:
+            phase = "tokenizer" if step < settings.tokenizer_steps else "decoder"
+            if step == settings.tokenizer_steps:
+                # The tokenizer is frozen from here on: the saved (EMA) model must hold exactly it.
+                ema.downsampler.load_state_dict(model.downsampler.state_dict())
         batch = torch.from_numpy(sampler.sample(settings.batch_size, rng))           # (B, 3, H, W)
         with torch.no_grad():
             latent = codec.encode(batch)
-        losses = model(latent, gen, aux_head)
+        losses = model(latent, gen, aux_head, phase=phase)
         opt.zero_grad(set_to_none=True)
         losses["loss"].backward()
         grad_norm = torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], settings.grad_clip)
@@ -148,7 +167,7 @@ def train(config: V2FlowConfig, out_dir: str | Path, settings: TrainSettings,
         step += 1
         bar.update(1)
         if step % 25 == 0 or step == 1:
-            rec = {"step": step, "loss": float(losses["loss"]), "flow": float(losses["flow"]),
+            rec = {"step": step, "loss": float(losses["loss"].detach()), "flow": float(losses["flow"]),
                    "vq": float(losses["vq"]), "aux": float(losses["aux"]), "grad_norm": float(grad_norm),
                    "codes_in_batch": int(losses["codes"]),
                    "lr": opt.param_groups[0]["lr"], "minutes": (time.time() - start) / 60}
