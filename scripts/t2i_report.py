@@ -52,6 +52,12 @@ def main(argv: list[str] | None = None) -> dict:
                                 "training crops of each subject (as decoded by the V2Flow model; "
                                 "'accuracy_vs_raw_crops': as they are); nearest subject wins",
                    "seconds": round(time.time() - start, 1)})
+    # Per caption (images are caption-major, one per seed): the fraction of seeds whose image is nearest
+    # to its own subject's raw training crops.
+    raw = report.pop("confusion_vs_raw_crops")
+    report["per_caption_vs_raw_crops"] = {
+        caption: float(np.mean([p == name for p in raw[name][i * len(a.seeds):(i + 1) * len(a.seeds)]]))
+        for name, (_, captions) in SUBJECTS.items() for i, caption in enumerate(captions)}
     report["confusion"] = {k: {str(n): int(c) for n, c in zip(*np.unique(v, return_counts=True))}
                            for k, v in report["confusion"].items()}
     print(json.dumps(report, indent=2))
