@@ -46,7 +46,8 @@ class TrainSettings:
     threads: int = 0                  # torch threads; 0 = torch's default
     aux_recon: bool = False           # add a per-token code → token reconstruction loss (see V2Flow.forward)
     # > 0: the first tokenizer_steps train only the tokenizer (through the aux head), the rest only the
-    # decoder on the frozen codes; each phase has its own warm-up and cosine decay. 0: joint throughout.
+    # decoder on the frozen codes; each phase warms up on its own, the tokenizer phase then holds lr, the
+    # decoder phase follows ``schedule``. 0: joint training throughout.
     tokenizer_steps: int = 0
 
 
