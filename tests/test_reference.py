@@ -231,7 +231,7 @@ def test_two_phase_training_saves_the_frozen_tokenizer(tmp_path) -> None:
         assert torch.equal(value, state["model"][f"downsampler.{key}"]), key
     assert torch.equal(final.quantizer.codebook, state["model"]["quantizer._codebook.embed"][0])
     # Each phase warms up from its own start.
-    assert lr_at(0, s) == lr_at(2, s) == s.lr / s.warmup * 1
+    assert lr_at(0, s) == lr_at(2, s) == s.lr / s.warmup
     with pytest.raises(ConfigError, match="aux_recon"):
         train(cfg, tmp_path / "x", TrainSettings(steps=5, tokenizer_steps=2), progress=False)
 
