@@ -53,11 +53,14 @@ def main(argv: list[str] | None = None) -> dict:
                                 "'accuracy_vs_raw_crops': as they are); nearest subject wins",
                    "seconds": round(time.time() - start, 1)})
     # Per caption (images are caption-major, one per seed): the fraction of seeds whose image is nearest
-    # to its own subject's raw training crops.
-    raw = report.pop("confusion_vs_raw_crops")
-    report["per_caption_vs_raw_crops"] = {
-        caption: float(np.mean([p == name for p in raw[name][i * len(a.seeds):(i + 1) * len(a.seeds)]]))
-        for name, (_, captions) in SUBJECTS.items() for i, caption in enumerate(captions)}
+    # to its own subject's training crops, as decoded and as they are.
+    def per_caption(confusion: dict[str, list[str]]) -> dict[str, float]:
+        n = len(a.seeds)
+        return {caption: float(np.mean([p == name for p in confusion[name][i * n:(i + 1) * n]]))
+                for name, (_, captions) in SUBJECTS.items() for i, caption in enumerate(captions)}
+
+    report["per_caption"] = per_caption(report["confusion"])
+    report["per_caption_vs_raw_crops"] = per_caption(report.pop("confusion_vs_raw_crops"))
     report["confusion"] = {k: {str(n): int(c) for n, c in zip(*np.unique(v, return_counts=True))}
                            for k, v in report["confusion"].items()}
     print(json.dumps(report, indent=2))

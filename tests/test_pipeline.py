@@ -2,19 +2,27 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from PIL import Image
 
+from v2flow_rt import data
+from v2flow_rt.cli import main
 from v2flow_rt.errors import ArtifactError, BackendUnavailable, ImageError, ShapeError
 from v2flow_rt.pipeline import V2FlowPipeline
 from v2flow_rt.reference.checkpoint import save_pretrained
 
 
 @pytest.fixture(scope="module")
-def pipe(tiny_model, tmp_path_factory) -> V2FlowPipeline:
-    folder = save_pretrained(tiny_model, tmp_path_factory.mktemp("tiny"))
-    return V2FlowPipeline.from_pretrained(folder, backend="torch")
+def model_dir(tiny_model, tmp_path_factory):
+    return save_pretrained(tiny_model, tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="module")
+def pipe(model_dir) -> V2FlowPipeline:
+    return V2FlowPipeline.from_pretrained(model_dir, backend="torch")
 
 
 def test_tokenize_matches_the_reference_model(pipe, tiny_model) -> None:
@@ -78,3 +86,55 @@ def test_bad_ids_and_backends(pipe, tmp_path) -> None:
         V2FlowPipeline.from_pretrained(tmp_path, backend="tpu")
     with pytest.raises(ArtifactError, match="not an export folder"):
         V2FlowPipeline.from_pretrained(tmp_path, backend="ort")
+
+
+def test_eval_on_your_own_images_equals_the_same_built_in_photo(model_dir, tmp_path) -> None:
+    from v2flow_rt.evaluate import evaluate
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    Image.fromarray(data.load_photo("chelsea")).save(folder / "cat.png")
+    (folder / "notes.txt").write_text("not an image")
+    kw = {"per_image": 2, "scale": 0.5, "steps": 2, "num_iter": 2}
+    mine = evaluate(model_dir, images=[folder], **kw)
+    builtin = evaluate(model_dir, photos=["chelsea"], **kw)
+    assert mine["images"] == 2 and mine["photos"] == [str(folder / "cat.png")] and mine["scale"] == 0.5
+    for key in ("psnr", "ssim", "grid_baseline_psnr", "grid_baseline_nearest_psnr"):
+        assert mine[key] == builtin[key], key
+    assert mine["held_out"] is None            # nobody can tell for files
+
+
+def test_eval_says_whether_the_photos_were_held_out(model_dir, tmp_path) -> None:
+    from v2flow_rt.evaluate import evaluate
+
+    cfg = json.loads((model_dir / "config.json").read_text())
+    cfg["extra"] = {**cfg.get("extra", {}), "train_photos": ["astronaut", "coffee"]}
+    recorded = tmp_path / "recorded"
+    recorded.mkdir()
+    (recorded / "config.json").write_text(json.dumps(cfg))
+    (recorded / "model.safetensors").write_bytes((model_dir / "model.safetensors").read_bytes())
+    kw = {"per_image": 1, "steps": 1, "num_iter": 1}
+    assert evaluate(recorded, photos=["chelsea"], **kw)["held_out"] is True
+    assert evaluate(recorded, photos=["chelsea", "coffee"], **kw)["held_out"] is False
+    assert evaluate(model_dir, photos=["chelsea"], **kw)["held_out"] is None   # config records no photos
+
+
+def test_eval_refuses_bad_image_sources_clearly(model_dir, tmp_path, capsys) -> None:
+    from v2flow_rt.evaluate import evaluate
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    tiny = tmp_path / "tiny.png"
+    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(tiny)
+    with pytest.raises(ImageError, match="missing.png: no such file"):
+        evaluate(model_dir, images=[tmp_path / "missing.png"])
+    with pytest.raises(ImageError, match="holds no image files"):
+        evaluate(model_dir, images=[empty])
+    with pytest.raises(ImageError, match=r"unknown built-in photo\(s\) \['kitten'\]"):
+        evaluate(model_dir, photos=["kitten"])
+    with pytest.raises(ImageError, match=r"tiny.png is 20x20 after scale 0.5, smaller than a 64x64 crop"):
+        evaluate(model_dir, images=[tiny])
+    with pytest.raises(ShapeError, match="scale must be in"):
+        evaluate(model_dir, photos=["chelsea"], scale=1.5)
+    assert main(["eval", "--model", str(model_dir), "--images", str(tmp_path / "missing.png")]) == 2
+    assert "missing.png: no such file" in capsys.readouterr().err

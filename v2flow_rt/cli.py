@@ -36,7 +36,8 @@ def _cmd_eval(a: argparse.Namespace) -> int:
     from .evaluate import evaluate
 
     report = evaluate(a.model, backend=a.backend, precision=a.precision, per_image=a.per_image, seed=a.seed,
-                      grid_png=a.grid, steps=a.steps, solver=a.solver, cfg=a.cfg, temperature=a.temperature)
+                      grid_png=a.grid, photos=a.photos, images=a.images, scale=a.scale, steps=a.steps,
+                      solver=a.solver, cfg=a.cfg, temperature=a.temperature)
     if a.json:
         print(json.dumps(report, indent=2))
     else:
@@ -217,7 +218,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="PSNR/SSIM on the held-out photos against the token-grid baseline")
     engine_args(p)
     sampling_args(p)
-    p.add_argument("--per-image", type=int, default=8)
+    p.add_argument("--images", nargs="+", metavar="PATH", help="your own image files or folders instead")
+    p.add_argument("--photos", nargs="+", metavar="NAME",
+                   help="built-in photos instead of the held-out ones (chelsea, grace_hopper)")
+    p.add_argument("--scale", type=float, default=0.5, help="downscale each image by this before cropping")
+    p.add_argument("--per-image", type=int, default=8, help="crops per image (an even grid over it)")
     p.add_argument("--grid", help="also write a PNG grid: originals, grid baseline, reconstructions")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_eval)

@@ -311,20 +311,34 @@ def eval_crops(names: Sequence[str], size: int, per_image: int = 8,
                scale: float = 0.5) -> np.ndarray:
     """Deterministic crops of built-in photos -> float32 [len(names) * per_image, 3, size, size].
 
-    Each photo is downscaled by ``scale`` and cut into ``per_image`` crops whose corners lie on an
-    evenly spaced rows x cols grid (rows * cols == per_image, shaped like the photo), in row-major
+    ``grid_crops`` of ``load_photo(name)`` for each name. Raises ImageError for an unknown photo or one
+    smaller than ``size`` after downscaling.
+    """
+    return grid_crops([load_photo(n) for n in names], size, per_image, scale, labels=[repr(n) for n in names])
+
+
+def grid_crops(images: Sequence[np.ndarray], size: int, per_image: int = 8, scale: float = 0.5,
+               labels: Sequence[str] | None = None) -> np.ndarray:
+    """Deterministic crops of images -> float32 [len(images) * per_image, 3, size, size] in [-1, 1].
+
+    Each image is downscaled by ``scale`` and cut into ``per_image`` crops whose corners lie on an
+    evenly spaced rows x cols grid (rows * cols == per_image, shaped like the image), in row-major
     order. No randomness, so every run and every backend sees the same evaluation set.
-    Raises ImageError for an unknown photo or one smaller than ``size`` after downscaling.
+    Raises ShapeError for per_image < 1 or a scale outside (0, 1], ImageError (naming ``labels[i]``)
+    for an image smaller than ``size`` after downscaling.
     """
     if per_image < 1:
-        raise ShapeError(f"eval_crops: per_image must be >= 1, got {per_image}")
+        raise ShapeError(f"eval crops: per_image must be >= 1, got {per_image}")
+    if not 0.0 < scale <= 1.0:
+        raise ShapeError(f"eval crops: scale must be in (0, 1], got {scale}")
     crops = []
-    for name in names:
-        img = _downscale(load_photo(name), scale)
+    for i, image in enumerate(images):
+        label = labels[i] if labels is not None else f"image {i}"
+        img = _downscale(_check_image(image, label), scale)
         h, w = img.shape[:2]
         if min(h, w) < size:
-            raise ImageError(f"eval_crops: photo {name!r} is {w}x{h} after scale {scale}, "
-                             f"smaller than a {size}x{size} crop")
+            raise ImageError(f"eval crops: {label} is {w}x{h} after scale {scale}, smaller than a "
+                             f"{size}x{size} crop (use a larger scale)")
         rows, cols = _grid_shape(per_image, w / h)
         ys = np.rint(np.linspace(0, h - size, rows)).astype(int) if rows > 1 else [(h - size) // 2]
         xs = np.rint(np.linspace(0, w - size, cols)).astype(int) if cols > 1 else [(w - size) // 2]

@@ -1,4 +1,4 @@
-"""Reconstruction quality on the held-out photos, against what the token grid alone carries.
+"""Reconstruction quality on the held-out photos (or any photos), against what the token grid alone carries.
 
 The grid baseline reduces each crop to one mean colour per token cell and scales it back up
 bilinearly (``metrics.grid_baseline``): tokens that carried nothing beyond a colour per cell could not
@@ -7,35 +7,77 @@ beat it. Runs on any backend through ``V2FlowPipeline`` (the PyTorch reference b
 
 from __future__ import annotations
 
+import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .data import HELDOUT_PHOTOS, eval_crops, from_model_range, save_grid
+from .data import HELDOUT_PHOTOS, PHOTOS, from_model_range, grid_crops, load_image, load_photo, save_grid
+from .errors import ImageError
 from .metrics import grid_baseline, psnr, ssim
 from .pipeline import V2FlowPipeline
 from .sampling import SamplerSettings
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif")
+
+
+def image_files(paths: Sequence[str | os.PathLike[str]]) -> list[Path]:
+    """Files as given, folders expanded to the image files directly inside them (sorted by name).
+
+    Raises ImageError for a path that does not exist or a folder without image files.
+    """
+    out: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            found = sorted(f for f in path.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                raise ImageError(f"{path}: folder holds no image files ({', '.join(IMAGE_SUFFIXES)})")
+            out += found
+        elif path.exists():
+            out.append(path)
+        else:
+            raise ImageError(f"{path}: no such file or folder")
+    return out
+
 
 def evaluate(model: str | Path = "default", backend: str = "torch", precision: str = "fp32", per_image: int = 8,
-             seed: int = 0, grid_png: str | None = None, **sampling: Any) -> dict[str, Any]:
-    """PSNR/SSIM of reconstructions and of the grid baseline on deterministic held-out crops.
+             seed: int = 0, grid_png: str | None = None, photos: Sequence[str] | None = None,
+             images: Sequence[str | os.PathLike[str]] | None = None, scale: float = 0.5,
+             **sampling: Any) -> dict[str, Any]:
+    """PSNR/SSIM of reconstructions and of the grid baseline on deterministic crops (``data.grid_crops``).
 
-    ``sampling``: ``steps``, ``solver``, ``cfg``, ``temperature``, ``num_iter`` (default: the model's).
+    The crops come from ``images`` (files, or folders of them) if given, else from the built-in
+    ``photos`` (default: the held-out ones), each downscaled by ``scale``. ``held_out`` in the report
+    says whether none of them is a photo the model was trained on (as its config records; ``None``
+    when it does not record them). ``sampling``: ``steps``, ``solver``, ``cfg``, ``temperature``,
+    ``num_iter`` (default: the model's).
     """
+    if images:
+        files = image_files(images)
+        sources, arrays = [str(f) for f in files], [load_image(f) for f in files]
+    else:
+        names = list(photos or HELDOUT_PHOTOS)
+        unknown = [n for n in names if n not in PHOTOS]
+        if unknown:
+            raise ImageError(f"unknown built-in photo(s) {unknown}; known: {sorted(PHOTOS)}")
+        sources, arrays = names, [load_photo(n) for n in names]
     pipe = V2FlowPipeline.from_pretrained(model, backend=backend, precision=precision)
     cfg = pipe.config
-    crops = eval_crops(list(HELDOUT_PHOTOS), cfg.img_size, per_image=per_image)      # (B, 3, H, W)
-    recon = pipe.reconstruct(crops, seed=seed, **sampling)                           # (B, H, W, 3) uint8
+    crops = grid_crops(arrays, cfg.img_size, per_image, scale, labels=sources)     # (B, 3, H, W)
+    recon = pipe.reconstruct(crops, seed=seed, **sampling)                         # (B, H, W, 3) uint8
     ref, base = from_model_range(crops), from_model_range(grid_baseline(crops, cfg.grid_size))
     if grid_png:
         save_grid(grid_png, [list(ref[:8]), list(base[:8]), list(recon[:8])],
                   labels=["original", "grid baseline", "V2Flow"])
+    trained_on = cfg.extra.get("train_photos")
+    held_out = None if images or not isinstance(trained_on, list) else not set(sources) & set(trained_on)
     settings = SamplerSettings.from_config(cfg, steps=sampling.get("steps"), solver=sampling.get("solver"),
                                            cfg_scale=sampling.get("cfg"), temperature=sampling.get("temperature"),
                                            num_iter=sampling.get("num_iter"))
     report: dict[str, Any] = {
         "model": str(model), "backend": pipe.engine.backend, "precision": pipe.engine.precision,
-        "photos": list(HELDOUT_PHOTOS), "images": len(crops),
+        "photos": sources, "scale": scale, "held_out": held_out, "images": len(crops),
         "psnr": round(psnr(ref, recon), 3), "ssim": round(ssim(ref, recon), 4),
         "grid_baseline_psnr": round(psnr(ref, base), 3), "grid_baseline_ssim": round(ssim(ref, base), 4),
         "sampler": settings.__dict__, "seed": seed,
