@@ -7,7 +7,8 @@ References are the subjects' training crops as the decoder renders them (``accur
 (``accuracy_vs_raw_crops``, capped by the decoder's fidelity: ``ceiling_vs_raw_crops``).
 Prints one JSON object and writes the grid (first caption of each subject × seeds).
 
-    python scripts/t2i_report.py [--lm default] [--model default] [--seeds 0 1 2 3] [--grid docs/t2i_grid.png]
+    python scripts/t2i_report.py [--lm default] [--model default] [--seeds 0 1 2 3] [--cfg 3] [--temperature 0.8]
+                                 [--grid docs/t2i_grid.png]
 """
 
 from __future__ import annotations
@@ -26,10 +27,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--model", default="default")
     parser.add_argument("--backend", choices=["torch", "ort"], default="torch")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3])
-    parser.add_argument("--temperature", type=float, default=1.0)
+    # Defaults: those of ``v2flow-rt generate``.
+    parser.add_argument("--temperature", type=float, default=0.8)
     parser.add_argument("--top-k", type=int, default=0)
     parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--cfg", type=float, default=1.0)
+    parser.add_argument("--cfg", type=float, default=3.0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--grid", default="docs/t2i_grid.png", help="'' to skip")
     parser.add_argument("--grid-seeds", type=int, default=6)

@@ -157,3 +157,21 @@ def test_evaluate_conditioning_end_to_end(expanded_lm, llm_v2flow) -> None:  # n
     per_raw = report["per_prompt_vs_raw_crops"]
     assert set(per_raw) == {"coffee", "brick"}
     assert abs(sum(per_raw.values()) / 2 - report["accuracy_vs_raw_crops"]) < 1e-12
+    ceiling = report["ceiling_per_prompt_vs_raw_crops"]                  # 2 fresh crops per subject
+    assert set(ceiling) == {"coffee", "brick"}
+    assert abs(sum(ceiling.values()) / 2 - report["ceiling_vs_raw_crops"]) < 1e-12
+
+
+@pytest.mark.skipif(not (T2I / "v2flow.json").is_file(), reason="the bundled t2i LM is not built yet")
+def test_bundled_t2i_is_conditioned_on_its_prompts() -> None:
+    """Four subjects unlike each other, every caption, two seeds, the settings of ``v2flow-rt generate``:
+    the README's statistic must put each caption's images nearest its own subject (chance: 1 in 4)."""
+    from v2flow_rt.llm.t2i import evaluate_conditioning
+
+    t2i = TextToImage.from_pretrained("default", "default", backend="torch", threads=1)
+    subjects = {k: SUBJECTS[k] for k in ("coffee", "hubble_deep_field", "brick", "flower")}
+    report = evaluate_conditioning(t2i, seeds=(0, 1), settings=GenerationSettings(temperature=0.8, cfg_scale=3.0),
+                                   subjects=subjects, per_subject=32)
+    assert report["pairs"] == 24 and report["chance"] == 0.25
+    assert report["accuracy"] >= 0.75 and report["accuracy_vs_raw_crops"] >= 0.75, report["confusion"]
+    assert min(report["per_prompt"].values()) >= 0.5, report["per_prompt"]

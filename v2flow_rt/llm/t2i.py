@@ -221,7 +221,7 @@ def evaluate_conditioning(t2i: TextToImage, seeds: Sequence[int] = (0, 1, 2, 3),
       (``ceiling_vs_raw_crops``: fresh crops of the same photos, reconstructed, scored against them).
 
     Returns the ``conditioning_accuracy`` report (for the decoded references) with those figures (and
-    ``per_prompt_vs_raw_crops``, ``confusion_vs_raw_crops``) added,
+    ``per_prompt_vs_raw_crops``, ``confusion_vs_raw_crops``, ``ceiling_per_prompt_vs_raw_crops``) added,
     plus ``images`` (subject → uint8 [captions × seeds, S, S, 3], caption-major) and ``references``.
     """
     import json
@@ -248,10 +248,11 @@ def evaluate_conditioning(t2i: TextToImage, seeds: Sequence[int] = (0, 1, 2, 3),
     fresh_decoded = {name: t2i.decoder.reconstruct(c, seed=0, **sampling) for name, c in fresh.items()}
     report = conditioning_accuracy(generated, decoded)
     vs_raw = conditioning_accuracy(generated, raw)
+    ceiling_raw = conditioning_accuracy(fresh_decoded, raw)
     report.update({
         "accuracy_vs_raw_crops": vs_raw["accuracy"], "per_prompt_vs_raw_crops": vs_raw["per_prompt"],
         "confusion_vs_raw_crops": vs_raw["confusion"],
-        "ceiling_vs_raw_crops": conditioning_accuracy(fresh_decoded, raw)["accuracy"],
+        "ceiling_vs_raw_crops": ceiling_raw["accuracy"], "ceiling_per_prompt_vs_raw_crops": ceiling_raw["per_prompt"],
         "ceiling_vs_decoded_crops": conditioning_accuracy(fresh_decoded, decoded)["accuracy"],
         "seeds": list(seeds), "captions": sum(len(c) for _, c in subjects.values()),
         "references_per_subject": per_subject, "images": generated, "references": decoded})
