@@ -148,6 +148,29 @@ def load_image(path: str | os.PathLike[str], min_size: int = 1) -> np.ndarray:
     return arr
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif")
+
+
+def image_files(paths: Sequence[str | os.PathLike[str]]) -> list[Path]:
+    """Files as given, folders expanded to the image files directly inside them (sorted by name).
+
+    Raises ImageError for a path that does not exist or a folder without image files.
+    """
+    out: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            found = sorted(f for f in path.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                raise ImageError(f"{path}: folder holds no image files ({', '.join(IMAGE_SUFFIXES)})")
+            out += found
+        elif path.exists():
+            out.append(path)
+        else:
+            raise ImageError(f"{path}: no such file or folder")
+    return out
+
+
 # ----------------------------------------------------------------------------- conversions
 
 def as_rgb(img: np.ndarray, what: str = "image") -> np.ndarray:

@@ -12,33 +12,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .data import HELDOUT_PHOTOS, PHOTOS, from_model_range, grid_crops, load_image, load_photo, save_grid
+from .data import HELDOUT_PHOTOS, PHOTOS, from_model_range, grid_crops, image_files, load_image, load_photo, save_grid
 from .errors import ImageError
 from .metrics import grid_baseline, psnr, ssim
 from .pipeline import V2FlowPipeline
 from .sampling import SamplerSettings
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif")
-
-
-def image_files(paths: Sequence[str | os.PathLike[str]]) -> list[Path]:
-    """Files as given, folders expanded to the image files directly inside them (sorted by name).
-
-    Raises ImageError for a path that does not exist or a folder without image files.
-    """
-    out: list[Path] = []
-    for raw in paths:
-        path = Path(raw)
-        if path.is_dir():
-            found = sorted(f for f in path.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
-            if not found:
-                raise ImageError(f"{path}: folder holds no image files ({', '.join(IMAGE_SUFFIXES)})")
-            out += found
-        elif path.exists():
-            out.append(path)
-        else:
-            raise ImageError(f"{path}: no such file or folder")
-    return out
 
 
 def evaluate(model: str | Path = "default", backend: str = "torch", precision: str = "fp32", per_image: int = 8,

@@ -230,9 +230,9 @@ class V2Flow(nn.Module):
             mixed = self.vocabulary_mix(latent, generator, gumbel_noise=cfg.gumbel_train and self.training)
             quantized, ids, loss_vq = self.quantizer(mixed)
         loss_aux = F.mse_loss(aux_head(quantized), tokens) if aux_head is not None else zero
+        stats = {"vq": loss_vq.detach(), "aux": loss_aux.detach(), "codes": torch.tensor(ids.unique().numel())}
         if phase == "tokenizer":
-            return {"loss": loss_vq + loss_aux, "flow": zero, "vq": loss_vq.detach(), "aux": loss_aux.detach(),
-                    "codes": torch.tensor(ids.unique().numel())}
+            return {"loss": loss_vq + loss_aux, "flow": zero, **stats}
         buffer = self.projector(quantized)                                   # (B, N, D)
         drop = torch.rand(bsz, generator=generator, device=dev) < cfg.label_drop_prob
         buffer = torch.where(drop[:, None, None], self.fake_latent[None].expand_as(buffer), buffer)
@@ -258,8 +258,7 @@ class V2Flow(nn.Module):
         pred = self.velocity(x_t, sigma * 1000.0, z_m)
         loss_flow = F.mse_loss(pred, noise - x0)
         loss = loss_flow + loss_vq + loss_aux
-        return {"loss": loss, "flow": loss_flow.detach(), "vq": loss_vq.detach(), "aux": loss_aux.detach(),
-                "codes": torch.tensor(ids.unique().numel())}
+        return {"loss": loss, "flow": loss_flow.detach(), **stats}
 
     # ------------------------------------------------------------------ sampling
     def stages(self) -> "TorchStages":
