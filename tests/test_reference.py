@@ -236,6 +236,35 @@ def test_two_phase_training_saves_the_frozen_tokenizer(tmp_path) -> None:
         train(cfg, tmp_path / "x", TrainSettings(steps=5, tokenizer_steps=2), progress=False)
 
 
+def test_context_aux_head_sees_neighbours_and_trains(tmp_path) -> None:
+    from v2flow_rt.reference.train import ContextHead, TrainSettings, build_aux_head, train
+
+    cfg = get_preset("tiny", codebook_size=256, encoder_depth=1, decoder_depth=1, flow_depth=1)
+    head = build_aux_head(cfg, TrainSettings(aux_recon=True, aux_context=1))
+    assert isinstance(head, ContextHead)
+    assert isinstance(build_aux_head(cfg, TrainSettings(aux_recon=True)), torch.nn.Linear)
+    assert build_aux_head(cfg, TrainSettings()) is None
+    codes = torch.randn(2, 64, 128)
+    out = head(codes)
+    assert out.shape == (2, 64, 192)
+    # Change the code of grid cell (3, 3) only: with one residual block (three 3x3 convs, reach 3 cells)
+    # cells within 3 rows/columns change, farther ones do not, and nothing leaks across the batch.
+    moved = codes.clone()
+    moved[0, 3 * 8 + 3] += 1.0
+    diff = (head(moved) - out).abs().amax(-1).reshape(2, 8, 8)
+    assert diff[0, 3, 6] > 0 and diff[0, 6, 3] > 0 and diff[0, 0, 0] > 0
+    assert diff[0, 7, 7] == 0 and diff[0, 3, 7] == 0 and diff[1].max() == 0
+    s = TrainSettings(steps=3, tokenizer_steps=1, batch_size=2, warmup=1, aux_recon=True, aux_context=1,
+                      save_every=100)
+    train(cfg, tmp_path, s, photos=["coffee"], progress=False)
+    state = torch.load(tmp_path / "train_state.pt", map_location="cpu", weights_only=True)
+    assert set(state["aux_head"]) == set(head.state_dict())
+    with pytest.raises(ConfigError, match="aux_recon"):
+        train(cfg, tmp_path / "x", TrainSettings(steps=3, aux_context=1), progress=False)
+    with pytest.raises(ConfigError, match="aux_context"):
+        train(cfg, tmp_path / "y", TrainSettings(steps=3, aux_recon=True, aux_context=-1), progress=False)
+
+
 def test_sample_tokens_reproducible_and_shaped(tiny_model: V2Flow) -> None:
     buffer = tiny_model.embed_ids(torch.randint(0, 4096, (2, 64)))
     s = SamplerSettings(num_iter=4, steps=3)

@@ -26,7 +26,7 @@ def _cmd_train(a: argparse.Namespace) -> int:
     settings = TrainSettings(steps=a.steps, batch_size=a.batch_size, lr=a.lr, seed=a.seed,
                              max_minutes=a.max_minutes, threads=a.threads, ema_decay=a.ema_decay,
                              warmup=a.warmup, schedule=a.schedule, aux_recon=a.aux_recon,
-                             tokenizer_steps=a.tokenizer_steps)
+                             tokenizer_steps=a.tokenizer_steps, aux_context=a.aux_context)
     final = train(config, a.out, settings, llm_embed=embed, resume=not a.no_resume)
     print(f"saved {final}")
     return 0
@@ -209,10 +209,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-minutes", type=float, default=0.0, help="stop and save after this wall time")
     p.add_argument("--no-resume", action="store_true", help="ignore an existing train_state.pt")
     p.add_argument("--aux-recon", action="store_true",
-                   help="add a per-token code→token reconstruction loss (a training-only head)")
+                   help="add a code→token reconstruction loss (a training-only head)")
     p.add_argument("--tokenizer-steps", type=int, default=0,
                    help="train only the tokenizer (through the --aux-recon head) for this many steps, then "
                         "freeze it and train only the decoder (0: joint training throughout)")
+    p.add_argument("--aux-context", type=int, default=0, metavar="BLOCKS",
+                   help="make the --aux-recon head see each code's neighbours: this many 3x3 residual conv "
+                        "blocks over the token grid (0: a per-token linear map)")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("eval", help="PSNR/SSIM on the held-out photos against the token-grid baseline")

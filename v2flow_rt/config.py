@@ -205,7 +205,7 @@ def _tiny() -> V2FlowConfig:
         name="tiny", img_size=64, codec="patch", codec_stride=8, latent_channels=192, latent_scale=1.0,
         llm_vocab_size=1024, llm_dim=128, resampler_hidden=96, resampler_depth=2, readout_depth=1,
         resampler_offset=3.0,
-        codebook_size=4096, dead_code_threshold=0.01,
+        codebook_size=4096, codebook_decay=0.99, dead_code_threshold=0.01,
         encoder_dim=128, encoder_depth=2, encoder_heads=4, decoder_dim=128, decoder_depth=2, decoder_heads=4,
         buffer_size=64, attn_dropout=0.0, proj_dropout=0.0, pos_init="sincos-shared", flow_width=256, flow_depth=3,
         diffusion_batch_mul=1, gumbel_train=False, ode_steps=10, solver="dpm++2m", cfg_scale=1.0,

@@ -207,8 +207,9 @@ class V2Flow(nn.Module):
 
         linear-flow objective: σ = shift(sigmoid(N(0,1))), x_σ = (1−σ)·x0 + σ·ε, target v = ε − x0, on
         masked tokens only, ``diffusion_batch_mul`` noise draws per token; plus the VQ commitment loss.
-        ``aux_head`` (training only, not part of the model): a map from each quantized code to its own
-        token, whose MSE is added; it gives the tokenizer a direct reconstruction gradient.
+        ``aux_head`` (training only, not part of the model): a map from the quantized codes [B, N, d] to
+        the tokens [B, L, C] (per token, or reading neighbours: ``train.ContextHead``), whose MSE is added;
+        it gives the tokenizer a direct reconstruction gradient.
         ``phase``: ``"joint"`` trains everything; ``"tokenizer"`` only the resampler and codebook (VQ +
         ``aux_head`` losses; no masked transformer or flow); ``"decoder"`` freezes them (no gradient, no
         codebook update) and trains the rest on the fixed codes.

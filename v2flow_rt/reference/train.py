@@ -44,11 +44,50 @@ class TrainSettings:
     max_minutes: float = 0.0          # stop (and save) after this wall time; 0 = no limit
     save_every: int = 500
     threads: int = 0                  # torch threads; 0 = torch's default
-    aux_recon: bool = False           # add a per-token code → token reconstruction loss (see V2Flow.forward)
+    aux_recon: bool = False           # add a code → token reconstruction loss (see V2Flow.forward)
     # > 0: the first tokenizer_steps train only the tokenizer (through the aux head), the rest only the
-    # decoder on the frozen codes; each phase warms up on its own, the tokenizer phase then holds lr, the
-    # decoder phase follows ``schedule``. 0: joint training throughout.
+    # decoder on the frozen codes; each phase warms up and follows ``schedule`` on its own (so the codes
+    # settle before they are frozen). 0: joint training throughout.
     tokenizer_steps: int = 0
+    # 3x3 residual conv blocks in the aux head over the grid of codes; 0 = a per-token linear map. With
+    # blocks, the head sees each code's neighbours, so the tokenizer learns codes a decoder with context
+    # (the masked transformer) can use, not only codes that stand for their own cell.
+    aux_context: int = 0
+
+
+class _ResBlock(torch.nn.Module):
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.a = torch.nn.Conv2d(channels, channels, 3, padding=1)
+        self.b = torch.nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.b(torch.nn.functional.gelu(self.a(torch.nn.functional.gelu(x))))
+
+
+class ContextHead(torch.nn.Module):
+    """Training-only aux head: codes [B, N, d] on the token grid → tokens [B, N, C] through 3×3 convs."""
+
+    def __init__(self, dim: int, token_dim: int, grid: int, blocks: int, width: int = 128) -> None:
+        super().__init__()
+        self.grid = grid
+        self.net = torch.nn.Sequential(torch.nn.Conv2d(dim, width, 3, padding=1),
+                                       *[_ResBlock(width) for _ in range(blocks)],
+                                       torch.nn.GELU(), torch.nn.Conv2d(width, token_dim, 1))
+
+    def forward(self, codes: torch.Tensor) -> torch.Tensor:
+        b, n, d = codes.shape
+        x = codes.transpose(1, 2).reshape(b, d, self.grid, self.grid)        # (B, d, g, g)
+        return self.net(x).flatten(2).transpose(1, 2)                        # (B, N, C)
+
+
+def build_aux_head(config: V2FlowConfig, settings: TrainSettings) -> torch.nn.Module | None:
+    """The training-only code → token head of ``aux_recon`` (None without it)."""
+    if not settings.aux_recon:
+        return None
+    if settings.aux_context:
+        return ContextHead(config.llm_dim, config.token_dim, config.grid_size, settings.aux_context)
+    return torch.nn.Linear(config.llm_dim, config.token_dim)
 
 
 def param_groups(model: V2Flow, weight_decay: float) -> list[dict[str, Any]]:
@@ -65,7 +104,7 @@ def param_groups(model: V2Flow, weight_decay: float) -> list[dict[str, Any]]:
 def lr_at(step: int, s: TrainSettings) -> float:
     if s.tokenizer_steps:   # two phases, each scheduled on its own
         first = step < s.tokenizer_steps
-        phase = dataclasses.replace(s, tokenizer_steps=0, schedule="constant" if first else s.schedule,
+        phase = dataclasses.replace(s, tokenizer_steps=0,
                                     steps=s.tokenizer_steps if first else s.steps - s.tokenizer_steps)
         return lr_at(step if first else step - s.tokenizer_steps, phase)
     if step < s.warmup:
@@ -96,6 +135,10 @@ def train(config: V2FlowConfig, out_dir: str | Path, settings: TrainSettings,
 
     if config.codec != "patch":
         raise ConfigError("built-in training runs on the patch codec; DC-AE training needs cached latents")
+    if settings.aux_context < 0:
+        raise ConfigError(f"aux_context must be >= 0, got {settings.aux_context}")
+    if settings.aux_context and not settings.aux_recon:
+        raise ConfigError("aux_context shapes the aux head: set aux_recon too")
     if settings.tokenizer_steps and not settings.aux_recon:
         raise ConfigError("tokenizer_steps trains the tokenizer through the aux head: set aux_recon too")
     if not 0 <= settings.tokenizer_steps < settings.steps:
@@ -113,7 +156,7 @@ def train(config: V2FlowConfig, out_dir: str | Path, settings: TrainSettings,
     model = V2Flow(config, llm_embed=llm_embed).train()
     ema = copy.deepcopy(model).eval()
     # The auxiliary head lives beside the model, so the saved model keeps the official layout.
-    aux_head = torch.nn.Linear(config.llm_dim, config.token_dim) if settings.aux_recon else None
+    aux_head = build_aux_head(config, settings)
     groups = param_groups(model, settings.weight_decay)
     if aux_head is not None:
         groups.append({"params": list(aux_head.parameters()), "weight_decay": 0.0})
