@@ -27,15 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from v2flow_rt.data import HELDOUT_PHOTOS, TRAIN_PHOTOS, CropSampler, eval_crops, load_photo  # noqa: E402
 from v2flow_rt.metrics import grid_baseline, psnr  # noqa: E402
-
-
-class Res(nn.Module):
-    def __init__(self, c: int) -> None:
-        super().__init__()
-        self.a, self.b = nn.Conv2d(c, c, 3, padding=1), nn.Conv2d(c, c, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.b(F.gelu(self.a(F.gelu(x))))
+from v2flow_rt.reference.train import ResBlock as Res  # noqa: E402
 
 
 class EmaVQ:

@@ -55,7 +55,9 @@ class TrainSettings:
     aux_context: int = 0
 
 
-class _ResBlock(torch.nn.Module):
+class ResBlock(torch.nn.Module):
+    """x + conv3x3(GELU(conv3x3(GELU(x)))), channels kept."""
+
     def __init__(self, channels: int) -> None:
         super().__init__()
         self.a = torch.nn.Conv2d(channels, channels, 3, padding=1)
@@ -72,11 +74,11 @@ class ContextHead(torch.nn.Module):
         super().__init__()
         self.grid = grid
         self.net = torch.nn.Sequential(torch.nn.Conv2d(dim, width, 3, padding=1),
-                                       *[_ResBlock(width) for _ in range(blocks)],
+                                       *[ResBlock(width) for _ in range(blocks)],
                                        torch.nn.GELU(), torch.nn.Conv2d(width, token_dim, 1))
 
     def forward(self, codes: torch.Tensor) -> torch.Tensor:
-        b, n, d = codes.shape
+        b, _, d = codes.shape
         x = codes.transpose(1, 2).reshape(b, d, self.grid, self.grid)        # (B, d, g, g)
         return self.net(x).flatten(2).transpose(1, 2)                        # (B, N, C)
 
