@@ -21,7 +21,7 @@ from v2flow_rt.llm.generate import (
     left_pad,
     position_ids_from_mask,
 )
-from v2flow_rt.llm.vocab import VisualVocab, codeword_embeddings, expand_vocabulary, file_sha256
+from v2flow_rt.llm.vocab import VisualVocab, codeword_embeddings, expand_vocabulary, file_sha256, tokenizer_sha256
 
 PROMPTS = ["a cup of coffee", "a photo of an astronaut on the moon with a flag", "gravel"]
 SAMPLED = GenerationSettings(temperature=1.0, top_k=64, top_p=0.95)
@@ -59,6 +59,7 @@ def test_expanded_lm_layout_and_embeddings(expanded_lm, llm_v2flow) -> None:  # 
                                                                              1025 + CODEBOOK)
     assert vocab.num_tokens == 64 and vocab.vocab_size == 1024 + CODEBOOK + 2 and vocab.max_positions == 512
     assert vocab.v2flow_sha256 == file_sha256(folder / "model.safetensors") and vocab.projection == "identity"
+    assert vocab.tokenizer_sha256 == tokenizer_sha256(model) == tokenizer_sha256(folder)
     tok = AutoTokenizer.from_pretrained(expanded_lm)
     assert tok.convert_tokens_to_ids(["<v_0>", f"<v_{CODEBOOK - 1}>", "<boi>", "<eoi>"]) == [
         1024, 1023 + CODEBOOK, vocab.boi_id, vocab.eoi_id]

@@ -68,7 +68,7 @@ def test_training_refuses_another_v2flow_model(tmp_path, expanded_lm) -> None:  
 
     torch.manual_seed(1)
     other = V2Flow(get_preset("tiny", codebook_size=256)).eval()
-    with pytest.raises(LLMError, match="expanded with V2Flow weights"):
+    with pytest.raises(LLMError, match="expanded with another V2Flow tokenizer"):
         train_llm(expanded_lm, other, tmp_path, LLMTrainSettings(steps=1))
 
 
@@ -97,8 +97,43 @@ def test_generate_cli_and_decoder_checks(tmp_path, expanded_lm, llm_v2flow) -> N
         TextToImage(t2i.step, t2i.encoder, t2i.vocab, other)
     from v2flow_rt.reference.checkpoint import save_pretrained
     other_folder = save_pretrained(V2Flow(get_preset("tiny", codebook_size=256)).eval(), tmp_path / "other")
-    with pytest.raises(LLMError, match="trained on V2Flow weights"):
+    with pytest.raises(LLMError, match="another V2Flow tokenizer"):
         TextToImage.from_pretrained(expanded_lm, other_folder)
+
+
+def test_lm_follows_the_tokenizer_not_the_decoder(tmp_path, expanded_lm, llm_v2flow) -> None:  # noqa: F811
+    """A decoder retrained on the same codes keeps the LM; a changed resampler or codebook does not."""
+    import dataclasses
+    import shutil
+
+    import torch
+
+    from v2flow_rt.llm.vocab import tokenizer_sha256
+    from v2flow_rt.reference.checkpoint import from_pretrained, save_pretrained
+
+    _, folder = llm_v2flow
+    vocab = VisualVocab.from_dir(expanded_lm)
+    assert vocab.tokenizer_sha256 == tokenizer_sha256(folder) == tokenizer_sha256(from_pretrained(folder))
+    assert vocab.made_for(folder)[0]
+    model = from_pretrained(folder)
+    with torch.no_grad():
+        for p in [*model.flowloss.parameters(), *model.projector.parameters()]:
+            p.add_(torch.randn_like(p))
+    decoder_only = save_pretrained(model, tmp_path / "decoder_only")
+    assert vocab.made_for(decoder_only) == (True, vocab.tokenizer_sha256)
+    TextToImage.from_pretrained(expanded_lm, decoder_only, backend="torch", threads=1)
+    with torch.no_grad():
+        model.quantizer.codebook[0].mul_(-1)
+    assert not vocab.made_for(model)[0]
+    changed = save_pretrained(model, tmp_path / "codebook")
+    with pytest.raises(LLMError, match="another V2Flow tokenizer"):
+        TextToImage.from_pretrained(expanded_lm, changed)
+    # an LM written before tokenizer_sha256 existed still checks the whole weights file
+    old = tmp_path / "old_lm"
+    shutil.copytree(expanded_lm, old)
+    (old / "v2flow.json").write_text(dataclasses.replace(vocab, tokenizer_sha256="").to_json())
+    assert VisualVocab.from_dir(old).made_for(folder)[0]
+    assert not VisualVocab.from_dir(old).made_for(decoder_only)[0]
 
 
 # --------------------------------------------------------------------------------------- conditioning
@@ -130,10 +165,10 @@ def test_conditioning_accuracy_separates_subjects() -> None:
 
 @pytest.mark.skipif(not (T2I / "v2flow.json").is_file(), reason="the bundled t2i LM is not built yet")
 def test_bundled_t2i_matches_the_default_decoder_and_follows_prompts() -> None:
-    from v2flow_rt.llm.vocab import file_sha256
+    from v2flow_rt.llm.vocab import tokenizer_sha256
 
     vocab = VisualVocab.from_dir(T2I)
-    assert vocab.v2flow_sha256 == file_sha256(DEFAULT_MODEL / "model.safetensors")
+    assert vocab.tokenizer_sha256 == tokenizer_sha256(DEFAULT_MODEL)
     assert sum(f.stat().st_size for f in T2I.iterdir()) < 10_000_000                 # small enough to commit
     t2i = TextToImage.from_pretrained("default", "default", backend="torch", threads=1)
     greedy = GenerationSettings(temperature=0)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -223,13 +225,17 @@ def test_two_phase_training_saves_the_frozen_tokenizer(tmp_path) -> None:
     from v2flow_rt.reference.train import TrainSettings, lr_at, train
 
     cfg = get_preset("tiny", codebook_size=256, encoder_depth=1, decoder_depth=1, flow_depth=1)
-    s = TrainSettings(steps=5, tokenizer_steps=2, batch_size=2, warmup=1, aux_recon=True, save_every=100)
+    s = TrainSettings(steps=26, tokenizer_steps=2, batch_size=2, warmup=1, aux_recon=True, save_every=100)
     final = from_pretrained(train(cfg, tmp_path, s, photos=["coffee"], progress=False))
     state = torch.load(tmp_path / "train_state.pt", map_location="cpu", weights_only=True)
     # The saved EMA model holds exactly the live tokenizer, which stopped changing at step 2.
     for key, value in final.downsampler.state_dict().items():
         assert torch.equal(value, state["model"][f"downsampler.{key}"]), key
     assert torch.equal(final.quantizer.codebook, state["model"]["quantizer._codebook.embed"][0])
+    # The aux head trains the tokenizer only: in the decoder phase (logged at step 25) it is not run.
+    log = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 25]
+    assert log[0]["aux"] > 0 and log[0]["flow"] == 0 and log[1]["aux"] == 0 and log[1]["flow"] > 0
     # Each phase warms up from its own start.
     assert lr_at(0, s) == lr_at(2, s) == s.lr / s.warmup
     with pytest.raises(ConfigError, match="aux_recon"):

@@ -51,8 +51,9 @@ def bundle(final: Path, dest: Path, command: str) -> None:
         "# Bundled text-to-image LM\n\n"
         "The base LM (`assets/base_lm`) with V2Flow's visual tokens added to its vocabulary and fine-tuned on\n"
         "(caption, crop) pairs of the built-in training photos (captions: `v2flow_rt/llm/captions.py`).\n"
-        "`training.json` holds the settings, steps and captions; `v2flow.json` the visual-token layout and the\n"
-        "sha256 of the V2Flow weights it was trained on (`assets/default`).\n\n"
+        "`training.json` holds the settings, steps and captions; `v2flow.json` the visual-token layout, the\n"
+        "sha256 of the V2Flow weights it was trained with and the fingerprint of their tokenizer (resampler,\n"
+        "LLM table, codebook), which the decoder it is used with must match (`assets/default`).\n\n"
         f"Made with ({record.get('trained_steps')} steps, {record.get('minutes')} min):\n\n"
         f"```\n{command}\n```\n", encoding="utf-8")
     replace_dir(tmp, dest)

@@ -98,10 +98,12 @@ class TextToImage:
         lm_dir = resolve_lm_path(lm)
         vocab = VisualVocab.from_dir(lm_dir)
         model_dir = resolve_model_path(os.fspath(model))
-        weights = model_dir / WEIGHTS_NAME
-        if vocab.v2flow_sha256 and weights.is_file() and file_sha256(weights) != vocab.v2flow_sha256:
-            raise LLMError(f"the LM {str(lm_dir)!r} was trained on V2Flow weights {vocab.v2flow_sha256[:12]}…, "
-                           f"but {str(model_dir)!r} holds other weights: its visual tokens would decode to noise")
+        if (model_dir / WEIGHTS_NAME).is_file():
+            same, theirs = vocab.made_for(model_dir)
+            if not same:
+                raise LLMError(f"the LM {str(lm_dir)!r} was trained on the visual tokens of another V2Flow "
+                               f"tokenizer ({(vocab.tokenizer_sha256 or vocab.v2flow_sha256)[:12]}…), but "
+                               f"{str(model_dir)!r} has {theirs[:12]}…: its visual tokens would decode to noise")
         encoder = PromptEncoder(lm_dir)
         if backend == "torch":
             step: StepFn = TorchStep.from_pretrained(lm_dir)

@@ -133,9 +133,11 @@ def train_llm(lm_dir: str | Path, v2flow_model: Any, out_dir: str | Path, settin
             expand_vocabulary(lm_path, v2f, expanded, seed=settings.seed)
         lm_path = expanded
     vocab = VisualVocab.from_dir(lm_path)
-    if vocab.v2flow_sha256 and vocab.v2flow_sha256 != sha:
-        raise LLMError(f"{str(lm_path)!r} was expanded with V2Flow weights {vocab.v2flow_sha256[:12]}…, "
-                       f"not the given model ({sha[:12]}…): its visual tokens would mean other codes")
+    same, theirs = vocab.made_for(v2f)
+    if not same:
+        raise LLMError(f"{str(lm_path)!r} was expanded with another V2Flow tokenizer "
+                       f"({(vocab.tokenizer_sha256 or vocab.v2flow_sha256)[:12]}…), not the given model's "
+                       f"({theirs[:12]}…): its visual tokens would mean other codes")
     if (vocab.num_tokens, vocab.codebook_size) != (v2f.config.num_tokens, v2f.config.codebook_size):
         raise LLMError(f"LM built for N={vocab.num_tokens}, K={vocab.codebook_size}; the V2Flow model has "
                        f"N={v2f.config.num_tokens}, K={v2f.config.codebook_size}")

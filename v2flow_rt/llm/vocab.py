@@ -65,13 +65,31 @@ class VisualVocab:
     num_tokens: int
     vocab_size: int                 # rows of the expanded LM's embedding / logits
     max_positions: int              # the LM's max_position_embeddings (0 = unknown)
-    v2flow_sha256: str = ""         # sha256 of the source V2Flow model.safetensors
+    v2flow_sha256: str = ""         # sha256 of the V2Flow model.safetensors it was made with (provenance)
+    tokenizer_sha256: str = ""      # tokenizer_sha256() of that model: what a decoder must match
     image_size: int = 0
     projection: str = "identity"
     embedding_norm: float = 0.0
     source_lm: str = ""
     format: str = META_FORMAT
     version: int = 1
+
+    def made_for(self, v2flow_model: Any) -> tuple[bool, str]:
+        """Whether ``v2flow_model`` (a V2Flow instance or its folder) gives visual tokens this LM was
+        made for, and the fingerprint compared. Only the tokenizer has to match (``tokenizer_sha256``), so
+        a decoder retrained on the same codes keeps the LM; files written before that field existed
+        fall back to the sha256 of the whole weights file."""
+        if self.tokenizer_sha256:
+            theirs = tokenizer_sha256(v2flow_model)
+            return theirs == self.tokenizer_sha256, theirs
+        if self.v2flow_sha256:
+            if isinstance(v2flow_model, (str, os.PathLike)):
+                from ..reference.checkpoint import WEIGHTS_NAME, resolve_model_path
+                theirs = file_sha256(resolve_model_path(os.fspath(v2flow_model)) / WEIGHTS_NAME)
+            else:
+                theirs = v2flow_sha256(v2flow_model)
+            return theirs == self.v2flow_sha256, theirs
+        return True, ""
 
     @property
     def visual_ids(self) -> range:
@@ -147,6 +165,39 @@ def v2flow_sha256(model: Any) -> str:
 
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     return hashlib.sha256(save(state, metadata={"format": "pt"})).hexdigest()
+
+
+# What decides an image's visual tokens and what each token stands for: the resampler, the LLM table it
+# mixes and the codebook (weights), and the config fields that shape its input. The projector, masked
+# transformer and velocity MLP are not in it: retraining only the decoder keeps an LM valid. A DC-AE
+# codec's weights live in their own folder and are not covered.
+_TOKENIZER_PREFIX = "downsampler."
+_TOKENIZER_NAMES = ("llm_embed_tokens", "quantizer._codebook.embed")
+_TOKENIZER_CONFIG = ("img_size", "codec", "codec_stride", "latent_channels", "latent_scale", "resampler_offset",
+                     "resampler_hidden", "resampler_depth", "readout_depth", "codebook_size", "llm_dim",
+                     "llm_vocab_size")
+
+
+def tokenizer_sha256(v2flow_model: Any) -> str:
+    """sha256 over a V2Flow model's tokenizer (see ``_TOKENIZER_NAMES``): a ``V2Flow`` instance, or a
+    folder written by ``save_pretrained`` / ``"default"`` (read with numpy, no torch needed)."""
+    if isinstance(v2flow_model, (str, os.PathLike)):
+        from safetensors.numpy import load_file
+
+        from ..reference.checkpoint import CONFIG_NAME, WEIGHTS_NAME, resolve_model_path
+        folder = resolve_model_path(os.fspath(v2flow_model))
+        config = json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8"))
+        tensors = load_file(folder / WEIGHTS_NAME)
+    else:
+        config = v2flow_model.config.to_dict()
+        tensors = {k: v.detach().cpu().numpy() for k, v in v2flow_model.state_dict().items()}
+    h = hashlib.sha256(json.dumps({k: config.get(k) for k in _TOKENIZER_CONFIG}, sort_keys=True).encode())
+    for name in sorted(tensors):
+        if name.startswith(_TOKENIZER_PREFIX) or name in _TOKENIZER_NAMES:
+            a = np.ascontiguousarray(tensors[name])
+            h.update(f"{name}|{a.dtype.str}|{a.shape}|".encode())
+            h.update(a.tobytes())
+    return h.hexdigest()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -304,6 +355,7 @@ def expand_vocabulary(lm_dir: str | os.PathLike[str], v2flow_model: Any, out_dir
         offset=offset, codebook_size=k, boi_id=offset + k, eoi_id=offset + k + 1, pad_id=int(pad_id),
         num_tokens=v2f.config.num_tokens, vocab_size=new_vocab,
         max_positions=int(getattr(text_config, "max_position_embeddings", 0) or 0), v2flow_sha256=sha,
+        tokenizer_sha256=tokenizer_sha256(v2f),
         image_size=v2f.config.img_size, projection=used, embedding_norm=norm, source_lm=str(lm_path))
 
     out = Path(out_dir)

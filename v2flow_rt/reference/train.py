@@ -46,8 +46,8 @@ class TrainSettings:
     threads: int = 0                  # torch threads; 0 = torch's default
     aux_recon: bool = False           # add a code → token reconstruction loss (see V2Flow.forward)
     # > 0: the first tokenizer_steps train only the tokenizer (through the aux head), the rest only the
-    # decoder on the frozen codes; each phase warms up and follows ``schedule`` on its own (so the codes
-    # settle before they are frozen). 0: joint training throughout.
+    # decoder on the frozen codes (the aux head is no longer run); each phase warms up and follows
+    # ``schedule`` on its own (so the codes settle before they are frozen). 0: joint training throughout.
     tokenizer_steps: int = 0
     # 3x3 residual conv blocks in the aux head over the grid of codes; 0 = a per-token linear map. With
     # blocks, the head sees each code's neighbours, so the tokenizer learns codes a decoder with context
@@ -204,7 +204,8 @@ def train(config: V2FlowConfig, out_dir: str | Path, settings: TrainSettings,
         batch = torch.from_numpy(sampler.sample(settings.batch_size, rng))           # (B, 3, H, W)
         with torch.no_grad():
             latent = codec.encode(batch)
-        losses = model(latent, gen, aux_head, phase=phase)
+        # Once the codes are frozen the aux head has nothing left to teach: skip it (~15 % of a step).
+        losses = model(latent, gen, aux_head if phase != "decoder" else None, phase=phase)
         opt.zero_grad(set_to_none=True)
         losses["loss"].backward()
         grad_norm = torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], settings.grad_clip)
