@@ -32,6 +32,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--top-k", type=int, default=0)
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--cfg", type=float, default=3.0)
+    parser.add_argument("--decoder-temperature", type=float, default=None,
+                        help="the V2Flow decoder's (default: generation's, llm.t2i.GENERATION_DECODER_TEMPERATURE)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--grid", default="docs/t2i_grid.png", help="'' to skip")
     parser.add_argument("--grid-seeds", type=int, default=6)
@@ -41,15 +43,18 @@ def main(argv: list[str] | None = None) -> dict:
     from v2flow_rt.data import save_grid
     from v2flow_rt.llm.captions import SUBJECTS
     from v2flow_rt.llm.generate import GenerationSettings
-    from v2flow_rt.llm.t2i import TextToImage, evaluate_conditioning
+    from v2flow_rt.llm.t2i import TextToImage, decoder_sampling, evaluate_conditioning
 
     start = time.time()
     t2i = TextToImage.from_pretrained(a.lm, a.model, backend=a.backend, threads=a.threads)
     settings = GenerationSettings(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, cfg_scale=a.cfg)
-    report = evaluate_conditioning(t2i, seeds=a.seeds, settings=settings, per_subject=a.references)
+    report = evaluate_conditioning(t2i, seeds=a.seeds, settings=settings, per_subject=a.references,
+                                   temperature=a.decoder_temperature)
     images, refs = report.pop("images"), report.pop("references")
     report.update({"lm": a.lm, "model": a.model, "backend": a.backend,
-                   "settings": {"temperature": a.temperature, "top_k": a.top_k, "top_p": a.top_p, "cfg": a.cfg},
+                   "settings": {"temperature": a.temperature, "top_k": a.top_k, "top_p": a.top_p, "cfg": a.cfg,
+                                "decoder_temperature": decoder_sampling({"temperature": a.decoder_temperature})[
+                                    "temperature"]},
                    "statistic": "8-bin per-channel colour histogram + mean colour; mean L2 to the 5 nearest "
                                 "training crops of each subject (as decoded by the V2Flow model; "
                                 "'accuracy_vs_raw_crops': as they are); nearest subject wins",
@@ -70,7 +75,8 @@ def main(argv: list[str] | None = None) -> dict:
         seeds = list(range(a.grid_seeds))
         rows, labels = [], []
         for _, captions in SUBJECTS.values():
-            rows.append(list(np.concatenate([t2i([captions[0]], seed=s, settings=settings) for s in seeds])))
+            rows.append(list(np.concatenate([t2i([captions[0]], seed=s, settings=settings,
+                                                 temperature=a.decoder_temperature) for s in seeds])))
             labels.append(captions[0])
         save_grid(a.grid, rows, labels=labels)
         print(f"wrote {a.grid}", file=sys.stderr)

@@ -101,6 +101,26 @@ def test_generate_cli_and_decoder_checks(tmp_path, expanded_lm, llm_v2flow) -> N
         TextToImage.from_pretrained(expanded_lm, other_folder)
 
 
+def test_generation_renders_at_the_generation_decoder_temperature(expanded_lm, llm_v2flow) -> None:  # noqa: F811
+    """Generated tokens are decoded at temperature 1 (a sample of the fine detail) even when the model's
+    own default, meant for reconstruction, is 0 (as the bundled model's is); an explicit one wins."""
+    from v2flow_rt.llm.t2i import GENERATION_DECODER_TEMPERATURE, decoder_sampling
+
+    _, folder = llm_v2flow
+    t2i = TextToImage.from_pretrained(expanded_lm, folder, backend="torch", threads=1)
+    t2i.decoder.config.temperature = 0.0
+    codes = t2i.tokens("a cup of coffee", seed=0, settings=GenerationSettings(temperature=0))
+    sampled, smooth = (t2i.decoder.detokenize(codes, seed=5, temperature=t) for t in (1.0, 0.0))
+    assert GENERATION_DECODER_TEMPERATURE == 1.0 and (sampled != smooth).any()
+    np.testing.assert_array_equal(t2i.render(codes, seed=5), sampled)
+    np.testing.assert_array_equal(t2i.render(codes, seed=5, temperature=0.0), smooth)
+    np.testing.assert_array_equal(t2i.decoder.reconstruct(np.zeros((1, 64, 64, 3), np.uint8), seed=5),
+                                  t2i.decoder.reconstruct(np.zeros((1, 64, 64, 3), np.uint8), seed=5,
+                                                          temperature=0.0))
+    assert decoder_sampling({"steps": 3}) == {"steps": 3, "temperature": 1.0}
+    assert decoder_sampling({"temperature": 0.5})["temperature"] == 0.5
+
+
 def test_lm_follows_the_tokenizer_not_the_decoder(tmp_path, expanded_lm, llm_v2flow) -> None:  # noqa: F811
     """A decoder retrained on the same codes keeps the LM; a changed resampler or codebook does not."""
     import dataclasses

@@ -141,13 +141,15 @@ def test_eval_refuses_bad_image_sources_clearly(model_dir, tmp_path, capsys) -> 
 
 
 def test_bundled_default_beats_the_grid_baseline_on_held_out_photos() -> None:
-    """The bundled model's tokens carry more than one mean colour per cell, on photos it never saw.
+    """The bundled model beats the token grid by the 2 dB the reference-model issue asks for, on photos
+    it never saw.
 
-    Full `v2flow-rt eval` protocol (16 crops, default sampler, seed 0), measured 22.9 dB against 21.6 dB;
-    the bound leaves room for other BLAS builds and seeds but fails for a model at or under the baseline.
+    Full `v2flow-rt eval` protocol (16 crops, the model's default sampler), seed 3: measured 24.18 dB
+    against 21.60 dB (+2.58; seeds 0-3: +2.58 to +2.61), so the bound leaves room for other BLAS builds.
     """
     from v2flow_rt.evaluate import evaluate
 
     report = evaluate("default", seed=3)
     assert report["held_out"] is True and report["images"] == 16
-    assert report["psnr_gain_db"] >= 0.8, report
+    assert report["sampler"]["temperature"] == 0.0           # the bundled config's default, see its README
+    assert report["psnr_gain_db"] >= 2.0, report

@@ -80,7 +80,8 @@ class V2FlowConfig:
     cfg_scale: float = 1.0
     cfg_mode: str = "official"
     cfg_schedule: str = "constant"
-    temperature: float = 1.0            # scale of the initial ODE noise (0 gives the posterior-mean path)
+    temperature: float = 1.0            # scale of the initial ODE noise; 0 starts from its mean (deterministic
+    #                                     up to the masked-AR order; the bundled default model uses 0)
     extra: dict[str, Any] = field(default_factory=dict)  # free-form notes (e.g. how it was trained)
 
     # ----------------------------------------------------------------- derived

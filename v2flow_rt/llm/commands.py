@@ -87,7 +87,7 @@ def _cmd_generate(a: argparse.Namespace) -> int:
     rows = []
     for i in range(a.num):
         seed = a.seed + i
-        rows.append(t2i(a.prompt, seed=seed, settings=settings)[0])
+        rows.append(t2i(a.prompt, seed=seed, settings=settings, temperature=a.decoder_temperature)[0])
     if a.num == 1:
         save_image(a.out, rows[0])
     else:
@@ -98,6 +98,8 @@ def _cmd_generate(a: argparse.Namespace) -> int:
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
+    from .t2i import GENERATION_DECODER_TEMPERATURE
+
     """Register the LLM verbs on the ``v2flow-rt`` subparsers."""
     p = sub.add_parser("train-llm", help="fine-tune an LM to write V2Flow visual tokens from captions")
     p.add_argument("--lm", default=str(BASE_LM), help="a causal LM folder (expanded first unless it has v2flow.json)")
@@ -136,6 +138,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num", type=int, default=1, help="images, with seeds seed, seed+1, …")
     p.add_argument("--temperature", type=float, default=0.8,
                    help="0: greedy; with --cfg 3, 0.8 followed prompts best of those measured on the bundled LM")
+    p.add_argument("--decoder-temperature", type=float, default=GENERATION_DECODER_TEMPERATURE,
+                   help="the V2Flow decoder's ODE noise scale (1: a sample of the fine detail, as the official "
+                        "sampler draws it; 0: the smooth, most likely image)")
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--cfg", type=float, default=3.0,

@@ -67,8 +67,16 @@ def llm_onnx_dir(lm_dir: Path, threads: int = 1) -> Path:
     return cached
 
 
+# The decoder's ODE noise scale when it renders generated tokens, unless the caller gives one. A model's
+# own default serves reconstruction (the bundled one uses 0: the smooth, most likely image, best PSNR);
+# generation wants a sample of the fine detail the codes leave open, as the official sampler draws it.
+GENERATION_DECODER_TEMPERATURE = 1.0
+
+
 class TextToImage:
-    """An expanded LM and a V2Flow decoder on one backend. Build with ``from_pretrained``."""
+    """An expanded LM and a V2Flow decoder on one backend. Build with ``from_pretrained``.
+
+    The decoder renders at ``GENERATION_DECODER_TEMPERATURE`` unless ``temperature=`` is passed."""
 
     def __init__(self, step: StepFn, encoder: PromptEncoder, vocab: VisualVocab, decoder: Any,
                  lm_dir: Path | None = None) -> None:
@@ -135,11 +143,18 @@ class TextToImage:
 
     def render(self, codes: np.ndarray, seed: int | None = 0, **sampling: Any) -> np.ndarray:
         """Visual codes [B, N] → images uint8 [B, S, S, 3] through the V2Flow decoder."""
-        return self.decoder.detokenize(codes, seed=seed, **sampling)
+        return self.decoder.detokenize(codes, seed=seed, **decoder_sampling(sampling))
 
     def __call__(self, prompts: str | Sequence[str], seed: int | None = 0,
                  settings: GenerationSettings | None = None, **sampling: Any) -> np.ndarray:
         return self.render(self.tokens(prompts, seed, settings), seed, **sampling)
+
+
+def decoder_sampling(sampling: dict[str, Any]) -> dict[str, Any]:
+    """The decoder settings generation uses: ``sampling`` with the temperature defaulted."""
+    if sampling.get("temperature") is None:
+        return {**sampling, "temperature": GENERATION_DECODER_TEMPERATURE}
+    return sampling
 
 
 def _decoder_export(model_dir: Path) -> Path:
@@ -217,8 +232,9 @@ def evaluate_conditioning(t2i: TextToImage, seeds: Sequence[int] = (0, 1, 2, 3),
     tokenized (pool size, seed and scales from the LM's ``training.json``; else seed 0), taken two ways:
 
     - ``accuracy``: the crops as the decoder renders them (``decoder.reconstruct``: its own tokenizer,
-      then detokenize). This compares like with like, so it measures whether the LLM wrote the right
-      subject's tokens, not how faithfully this small decoder reproduces colours.
+      then detokenize, with the decoder settings of the generated images: ``decoder_sampling``). This
+      compares like with like, so it measures whether the LLM wrote the right subject's tokens, not how
+      faithfully this small decoder reproduces colours.
     - ``accuracy_vs_raw_crops``: the crops themselves; capped by the decoder's fidelity
       (``ceiling_vs_raw_crops``: fresh crops of the same photos, reconstructed, scored against them).
 
@@ -241,6 +257,7 @@ def evaluate_conditioning(t2i: TextToImage, seeds: Sequence[int] = (0, 1, 2, 3),
     size = t2i.decoder.config.img_size
     crops = {k: v[:per_subject] for k, v in subject_crops(subjects, size, pool, crop_seed, scales).items()}
     raw = {name: from_model_range(c) for name, c in crops.items()}
+    sampling = decoder_sampling(sampling)       # references rendered the way the generated images are
     decoded = {name: t2i.decoder.reconstruct(c, seed=0, **sampling) for name, c in crops.items()}
     generated: dict[str, np.ndarray] = {}
     for name, (_, captions) in subjects.items():
