@@ -6,6 +6,12 @@ Tolerances (the reason next to each):
   output's largest magnitude (an element-wise relative error is meaningless near zeros). The two backends
   run the same fp32 math in a different order; measured errors are ~1e-6, so 1e-4 leaves room for deep
   graphs (the unrolled ODE) while catching any wrong op, weight or layout.
+  Where the computation itself is ill-conditioned, PyTorch's own fp32 result is that far from its fp64
+  result, and no fp32 graph can do better: the unrolled ODE with guidance extrapolates
+  (uncond + s·(cond − uncond)) at every solver step, so round-off grows along the solver (measured on
+  the bundled model: PyTorch fp32 vs fp64 3.9e-4 at guidance 3). An output that misses 1e-4 is then
+  judged against ``FP64_FACTOR`` × PyTorch fp32's error against PyTorch fp64 on the same inputs
+  (``roundoff_bounds``): the graph must be about as accurate as PyTorch, not more accurate than fp32 is.
 - integer outputs (tokenizer ids): exact, except at ties (the reference's best two code similarities within
   ``TIE_EPS``; see there), which are counted separately.
 - fp16 / int8 / int8-qdq: not judged by a tensor tolerance; their figures are recorded, and the quality
@@ -43,6 +49,7 @@ if TYPE_CHECKING:  # torch is imported where it is used: a folder can be checked
 
 FP32_MAX_REL = 1e-4
 FP32_TOLERANCE = f"fp32 tolerance max|ort-torch|/max|torch| <= {FP32_MAX_REL:g}"
+FP64_FACTOR = 4.0
 # Two codes whose cosine similarities to a token differ by at most this are tied: 1e-6 is ~8 float32 ulps at
 # 1.0, the rounding of a d-term dot product summed in another order. A trained codebook can hold
 # (near-)duplicate codes; the argmax among them depends on summation order, even between PyTorch runs at
@@ -101,6 +108,34 @@ def torch_outputs(module: nn.Module, spec: StageSpec, feeds: Feeds) -> dict[str,
     return {name: o.detach().cpu().numpy() for name, o in zip(spec.output_names, outs)}
 
 
+def roundoff_bounds(module: nn.Module, spec: StageSpec, feeds: Sequence[Feeds]) -> dict[str, float]:
+    """Per float output: the fp32 bound on these feeds, max(``FP32_MAX_REL``, ``FP64_FACTOR`` × PyTorch
+    fp32's own max|fp32 − fp64| / max|fp64|). An output whose fp64 run fails keeps ``FP32_MAX_REL``."""
+    import copy
+
+    bounds: dict[str, float] = {}
+    try:
+        wide = copy.deepcopy(module).double()
+        for f in feeds:
+            f64 = {n: (v.astype(np.float64) if v.dtype == np.float32 else v) for n, v in f.items()}
+            narrow, ref = torch_outputs(module, spec, f), torch_outputs(wide, spec, f64)
+            for name, r in ref.items():
+                if r.dtype.kind == "f" and r.size:
+                    err = float(np.abs(narrow[name].astype(np.float64) - r).max() / max(np.abs(r).max(), 1e-30))
+                    bounds[name] = max(bounds.get(name, FP32_MAX_REL), FP64_FACTOR * err)
+    except (RuntimeError, TypeError) as exc:   # a stage with fixed-precision internals: no widening
+        print(f"note: no fp64 reference for {spec.name}: {exc}", file=sys.stderr)
+        return {}
+    return bounds
+
+
+def fp32_tolerance(bound: float) -> str:
+    if bound <= FP32_MAX_REL:
+        return FP32_TOLERANCE
+    return (f"fp32 tolerance max|ort-torch|/max|torch| <= {bound:.2g} ({FP64_FACTOR:g} x PyTorch fp32's own error "
+            f"against fp64 on these inputs; {FP32_MAX_REL:g} where fp32 is well-conditioned)")
+
+
 def tie_mask(module: nn.Module, spec: StageSpec, feeds: Feeds) -> np.ndarray | None:
     """For the tokenizer: True where the reference's best two code similarities are within ``TIE_EPS``."""
     import torch
@@ -147,8 +182,9 @@ def merge(figures: Sequence[dict[str, float]]) -> dict[str, float]:
     return out
 
 
-def gate_fp32(stage: str, output: str, fig: dict[str, float], what: str) -> None:
-    """ParityError if fp32 figures are out of tolerance (ids must be exact, except at exact ties)."""
+def gate_fp32(stage: str, output: str, fig: dict[str, float], what: str, bound: float = FP32_MAX_REL) -> None:
+    """ParityError if fp32 figures are out of tolerance (ids must be exact, except at exact ties; floats
+    within ``bound``, ``FP32_MAX_REL`` unless ``roundoff_bounds`` widened it)."""
     if "shape_mismatch" in fig:
         raise ParityError(stage, output, float("inf"), float("inf"), "the PyTorch output shape", what)
     if "mismatches" in fig:
@@ -158,8 +194,14 @@ def gate_fp32(stage: str, output: str, fig: dict[str, float], what: str) -> None
                               f"{int(real)} of {int(fig['total'])} ids differ on {what} where the best code is not "
                               f"tied")
         return
-    if not fig["max_rel"] <= FP32_MAX_REL:
-        raise ParityError(stage, output, fig["max_abs"], fig["max_rel"], FP32_TOLERANCE, what)
+    if not fig["max_rel"] <= max(bound, FP32_MAX_REL):
+        raise ParityError(stage, output, fig["max_abs"], fig["max_rel"], fp32_tolerance(bound), what)
+
+
+def needs_bounds(figs: dict[str, dict[str, float]]) -> bool:
+    """Whether a float output misses the plain fp32 bound (so ``roundoff_bounds`` is worth computing)."""
+    return any("mismatches" not in f and "shape_mismatch" not in f and not f["max_rel"] <= FP32_MAX_REL
+               for f in figs.values())
 
 
 def stage_parity(stage: str, spec: StageSpec, run: Callable[[Feeds], list[np.ndarray]], module: nn.Module,
@@ -183,8 +225,11 @@ def stage_parity(stage: str, spec: StageSpec, run: Callable[[Feeds], list[np.nda
                 per_output[name].append(compare_output(got[name], ref[name], ties))
         result[kind] = {name: merge(figs) for name, figs in per_output.items() if figs}
         if gate:
+            bounds = roundoff_bounds(module, spec, feed_list) if needs_bounds(result[kind]) else {}
             for name, fig in result[kind].items():
-                gate_fp32(stage, name, fig, f"{kind} inputs")
+                if name in bounds:
+                    fig["bound"] = bounds[name]
+                gate_fp32(stage, name, fig, f"{kind} inputs", bounds.get(name, FP32_MAX_REL))
     return result
 
 
@@ -447,17 +492,22 @@ def _validate(folder: Path, json: bool, seed: int | None, photos: bool) -> Valid
                 report.rows.append({"stage": stage, "precision": "fp32", "runner": "ort", "output": name,
                                     "cases": float(len(ref_iters)), "ok": bool(finite),
                                     "tolerance": "reference (no PyTorch here): runs, outputs finite"})
+        figures = {(i, name): merge([compare_output(it[name], r[name], t)
+                                     for it, r, t in zip(results[i][1], ref_iters, ties)])
+                   for i in range(1, len(labels) + 1) for name in spec.output_names}
+        fp32_figs = {f"{i}/{n}": f for (i, n), f in figures.items() if labels[i - 1][0] == "fp32"}
+        bounds = roundoff_bounds(modules[stage], spec, feeds) if model is not None and needs_bounds(fp32_figs) else {}
         for i, (precision, kind) in enumerate(labels, start=1):
-            iters = results[i][1]
             for name in spec.output_names:
-                fig = merge([compare_output(it[name], r[name], t) for it, r, t in zip(iters, ref_iters, ties)])
+                fig = figures[(i, name)]
                 gated = precision == "fp32"
+                bound = bounds.get(name, FP32_MAX_REL)
                 row = {"stage": stage, "precision": precision, "runner": kind, "output": name, **fig,
-                       "tolerance": (IDS_TOLERANCE if "mismatches" in fig else FP32_TOLERANCE) if gated
+                       "tolerance": (IDS_TOLERANCE if "mismatches" in fig else fp32_tolerance(bound)) if gated
                        else "recorded only (judged by quality figures)"}
                 try:
                     if gated:
-                        gate_fp32(stage, name, fig, f"{precision} on {kind}")
+                        gate_fp32(stage, name, fig, f"{precision} on {kind}", bound)
                     row["ok"] = True
                 except ParityError as exc:
                     row["ok"], row["error"] = False, str(exc)
@@ -470,7 +520,8 @@ def _validate(folder: Path, json: bool, seed: int | None, photos: bool) -> Valid
         if fp32_idx and floats:
             from polygraphy.comparator import SimpleCompareFunc
 
-            atol = {n: FP32_MAX_REL * max(float(np.abs(it[n]).max()) for it in ref_iters if it[n].size) for n in floats}
+            atol = {n: bounds.get(n, FP32_MAX_REL) * max(float(np.abs(it[n]).max()) for it in ref_iters if it[n].size)
+                    for n in floats}
             wanted = tuple(floats)
             compare = SimpleCompareFunc(atol=atol, rtol=0.0, find_output_func=lambda name, index, result, w=wanted:
                                         [name] if name in w else [])
@@ -478,7 +529,8 @@ def _validate(folder: Path, json: bool, seed: int | None, photos: bool) -> Valid
                                                    compare_func=compare)
             if not bool(accuracy):
                 report.rows.append({"stage": stage, "precision": "fp32", "runner": "polygraphy", "output": "*",
-                                    "ok": False, "tolerance": "polygraphy elementwise atol = 1e-4 * max|ref|"})
+                                    "ok": False,
+                                    "tolerance": "polygraphy elementwise atol = the fp32 bound * max|ref|"})
     if trt_note:
         report.notes.append(trt_note)
     if not report.rows:
