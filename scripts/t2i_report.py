@@ -51,10 +51,10 @@ def main(argv: list[str] | None = None) -> dict:
     report = evaluate_conditioning(t2i, seeds=a.seeds, settings=settings, per_subject=a.references,
                                    temperature=a.decoder_temperature)
     images, refs = report.pop("images"), report.pop("references")
+    decoder_temperature = decoder_sampling({"temperature": a.decoder_temperature})["temperature"]
     report.update({"lm": a.lm, "model": a.model, "backend": a.backend,
                    "settings": {"temperature": a.temperature, "top_k": a.top_k, "top_p": a.top_p, "cfg": a.cfg,
-                                "decoder_temperature": decoder_sampling({"temperature": a.decoder_temperature})[
-                                    "temperature"]},
+                                "decoder_temperature": decoder_temperature},
                    "statistic": "8-bin per-channel colour histogram + mean colour; mean L2 to the 5 nearest "
                                 "training crops of each subject (as decoded by the V2Flow model; "
                                 "'accuracy_vs_raw_crops': as they are); nearest subject wins",

@@ -98,9 +98,9 @@ def _cmd_generate(a: argparse.Namespace) -> int:
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
+    """Register the LLM verbs on the ``v2flow-rt`` subparsers."""
     from .t2i import GENERATION_DECODER_TEMPERATURE
 
-    """Register the LLM verbs on the ``v2flow-rt`` subparsers."""
     p = sub.add_parser("train-llm", help="fine-tune an LM to write V2Flow visual tokens from captions")
     p.add_argument("--lm", default=str(BASE_LM), help="a causal LM folder (expanded first unless it has v2flow.json)")
     p.add_argument("--model", default="default", help="the V2Flow model whose tokenizer makes the targets")
