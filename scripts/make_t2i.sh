@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Rebuild the bundled text-to-image LM (v2flow_rt/assets/t2i) against the bundled V2Flow model
-# (v2flow_rt/assets/default), then measure it. Needed again whenever assets/default changes: the LM's
-# visual tokens are that model's codes (v2flow.json records its sha256 and loading refuses a mismatch).
+# (v2flow_rt/assets/default), then measure it. Needed again whenever assets/default's tokenizer changes:
+# the LM's visual tokens are that model's codes (v2flow.json records the tokenizer's fingerprint and
+# loading refuses a mismatch; a decoder-only retrain keeps the LM, then only the reports need re-running).
 #
 #   bash scripts/make_t2i.sh            # ~19 min training on two cores, ~20 min of measurements
 #
