@@ -47,10 +47,11 @@ class EmaVQ:
             self.book = f[torch.randint(0, len(f), (self.k,))].detach().clone()
             self.sums, self.started = self.book.clone(), True
         dist = f.pow(2).sum(1, keepdim=True) - 2 * f @ self.book.T + self.book.pow(2).sum(1)[None]
-        q = self.book[dist.argmin(1)]
+        ids = dist.argmin(1)
+        q = self.book[ids]
         if train:
             with torch.no_grad():
-                onehot = F.one_hot(dist.argmin(1), self.k).float()
+                onehot = F.one_hot(ids, self.k).float()
                 self.count.mul_(0.99).add_(onehot.sum(0), alpha=0.01)
                 self.sums.mul_(0.99).add_(onehot.T @ f.detach(), alpha=0.01)
                 self.book = self.sums / self.count.clamp_min(1e-5)[:, None]

@@ -256,7 +256,7 @@ class _Cancel(torch.nn.Module):
 
 
 def test_fp32_bound_widens_only_where_pytorch_fp32_itself_is_that_far_from_fp64() -> None:
-    from v2flow_rt.export.validate import FP64_FACTOR, gate_fp32, needs_bounds, roundoff_bounds
+    from v2flow_rt.export.validate import FP64_FACTOR, gate_fp32, needs_bounds, roundoff_bounds, torch_outputs
     from v2flow_rt.stages import StageSpec, TensorSpec
 
     spec = StageSpec(name="cancel", inputs=(TensorSpec("x", "float32", ("rows", 8)),),
@@ -265,10 +265,11 @@ def test_fp32_bound_widens_only_where_pytorch_fp32_itself_is_that_far_from_fp64(
     own = max(float(np.abs(((f["x"] + np.float32(1e5)) - np.float32(1e5)) - f["x"].astype(np.float64)).max()
                     / np.abs(f["x"]).max()) for f in feeds)
     assert own > 10 * FP32_MAX_REL                                      # fp32 really is that far off here
-    bound = roundoff_bounds(_Cancel(), spec, feeds)["y"]
+    cancel = _Cancel()
+    bound = roundoff_bounds(cancel, spec, feeds, [torch_outputs(cancel, spec, f) for f in feeds])["y"]
     assert bound == pytest.approx(FP64_FACTOR * own, rel=1e-6)
     as_pytorch = {"max_abs": own, "max_rel": own}
-    assert needs_bounds({"y": as_pytorch}) and not needs_bounds({"y": {"max_abs": 0.0, "max_rel": 0.0}})
+    assert needs_bounds([as_pytorch]) and not needs_bounds([{"max_abs": 0.0, "max_rel": 0.0}])
     gate_fp32("cancel", "y", as_pytorch, "test", bound)                 # as accurate as PyTorch fp32: passes
     with pytest.raises(ParityError, match="fp64"):
         gate_fp32("cancel", "y", {"max_abs": 0.05, "max_rel": 0.05}, "test", bound)   # a wrong graph still fails
@@ -276,7 +277,7 @@ def test_fp32_bound_widens_only_where_pytorch_fp32_itself_is_that_far_from_fp64(
         gate_fp32("cancel", "y", as_pytorch, "test")                    # without the fp64 measurement: 1e-4
     # a well-conditioned stage is not widened
     linear = torch.nn.Linear(8, 8)
-    assert roundoff_bounds(linear, spec, feeds)["y"] == FP32_MAX_REL
+    assert roundoff_bounds(linear, spec, feeds, [torch_outputs(linear, spec, f) for f in feeds])["y"] == FP32_MAX_REL
 
 
 def test_default_model_guided_ode_exports_within_its_fp32_bound(tmp_path: Path) -> None:

@@ -31,7 +31,7 @@ import secrets
 import sys
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -108,18 +108,19 @@ def torch_outputs(module: nn.Module, spec: StageSpec, feeds: Feeds) -> dict[str,
     return {name: o.detach().cpu().numpy() for name, o in zip(spec.output_names, outs)}
 
 
-def roundoff_bounds(module: nn.Module, spec: StageSpec, feeds: Sequence[Feeds]) -> dict[str, float]:
+def roundoff_bounds(module: nn.Module, spec: StageSpec, feeds: Sequence[Feeds],
+                    fp32_refs: Sequence[Any]) -> dict[str, float]:
     """Per float output: the fp32 bound on these feeds, max(``FP32_MAX_REL``, ``FP64_FACTOR`` × PyTorch
-    fp32's own max|fp32 − fp64| / max|fp64|). An output whose fp64 run fails keeps ``FP32_MAX_REL``."""
+    fp32's own max|fp32 − fp64| / max|fp64|); ``fp32_refs``: PyTorch's fp32 outputs on ``feeds`` (by
+    output name), already computed by the caller. An output whose fp64 run fails keeps ``FP32_MAX_REL``."""
     import copy
 
     bounds: dict[str, float] = {}
     try:
         wide = copy.deepcopy(module).double()
-        for f in feeds:
+        for f, narrow in zip(feeds, fp32_refs):
             f64 = {n: (v.astype(np.float64) if v.dtype == np.float32 else v) for n, v in f.items()}
-            narrow, ref = torch_outputs(module, spec, f), torch_outputs(wide, spec, f64)
-            for name, r in ref.items():
+            for name, r in torch_outputs(wide, spec, f64).items():
                 if r.dtype.kind == "f" and r.size:
                     err = float(np.abs(narrow[name].astype(np.float64) - r).max() / max(np.abs(r).max(), 1e-30))
                     bounds[name] = max(bounds.get(name, FP32_MAX_REL), FP64_FACTOR * err)
@@ -198,10 +199,10 @@ def gate_fp32(stage: str, output: str, fig: dict[str, float], what: str, bound: 
         raise ParityError(stage, output, fig["max_abs"], fig["max_rel"], fp32_tolerance(bound), what)
 
 
-def needs_bounds(figs: dict[str, dict[str, float]]) -> bool:
+def needs_bounds(figs: Iterable[dict[str, float]]) -> bool:
     """Whether a float output misses the plain fp32 bound (so ``roundoff_bounds`` is worth computing)."""
     return any("mismatches" not in f and "shape_mismatch" not in f and not f["max_rel"] <= FP32_MAX_REL
-               for f in figs.values())
+               for f in figs)
 
 
 def stage_parity(stage: str, spec: StageSpec, run: Callable[[Feeds], list[np.ndarray]], module: nn.Module,
@@ -225,7 +226,8 @@ def stage_parity(stage: str, spec: StageSpec, run: Callable[[Feeds], list[np.nda
                 per_output[name].append(compare_output(got[name], ref[name], ties))
         result[kind] = {name: merge(figs) for name, figs in per_output.items() if figs}
         if gate:
-            bounds = roundoff_bounds(module, spec, feed_list) if needs_bounds(result[kind]) else {}
+            bounds = (roundoff_bounds(module, spec, feed_list, [cache[id(f)][0] for f in feed_list])
+                      if needs_bounds(result[kind].values()) else {})
             for name, fig in result[kind].items():
                 if name in bounds:
                     fig["bound"] = bounds[name]
@@ -495,8 +497,9 @@ def _validate(folder: Path, json: bool, seed: int | None, photos: bool) -> Valid
         figures = {(i, name): merge([compare_output(it[name], r[name], t)
                                      for it, r, t in zip(results[i][1], ref_iters, ties)])
                    for i in range(1, len(labels) + 1) for name in spec.output_names}
-        fp32_figs = {f"{i}/{n}": f for (i, n), f in figures.items() if labels[i - 1][0] == "fp32"}
-        bounds = roundoff_bounds(modules[stage], spec, feeds) if model is not None and needs_bounds(fp32_figs) else {}
+        fp32_figs = [f for (i, _), f in figures.items() if labels[i - 1][0] == "fp32"]
+        bounds = (roundoff_bounds(modules[stage], spec, feeds, ref_iters)
+                  if model is not None and needs_bounds(fp32_figs) else {})
         for i, (precision, kind) in enumerate(labels, start=1):
             for name in spec.output_names:
                 fig = figures[(i, name)]

@@ -83,11 +83,7 @@ class VisualVocab:
             theirs = tokenizer_sha256(v2flow_model)
             return theirs == self.tokenizer_sha256, theirs
         if self.v2flow_sha256:
-            if isinstance(v2flow_model, (str, os.PathLike)):
-                from ..reference.checkpoint import WEIGHTS_NAME, resolve_model_path
-                theirs = file_sha256(resolve_model_path(os.fspath(v2flow_model)) / WEIGHTS_NAME)
-            else:
-                theirs = v2flow_sha256(v2flow_model)
+            theirs = weights_sha256(v2flow_model)
             return theirs == self.v2flow_sha256, theirs
         return True, ""
 
@@ -167,6 +163,15 @@ def v2flow_sha256(model: Any) -> str:
     return hashlib.sha256(save(state, metadata={"format": "pt"})).hexdigest()
 
 
+def weights_sha256(v2flow_model: Any) -> str:
+    """sha256 of a V2Flow model's weights file: a folder / ``"default"``, or a ``V2Flow`` instance (as
+    ``save_pretrained`` would write it)."""
+    if isinstance(v2flow_model, (str, os.PathLike)):
+        from ..reference.checkpoint import WEIGHTS_NAME, resolve_model_path
+        return file_sha256(resolve_model_path(os.fspath(v2flow_model)) / WEIGHTS_NAME)
+    return v2flow_sha256(v2flow_model)
+
+
 # What decides an image's visual tokens and what each token stands for: the resampler, the LLM table it
 # mixes and the codebook (weights), and the config fields that shape its input. The projector, masked
 # transformer and velocity MLP are not in it: retraining only the decoder keeps an LM valid. A DC-AE
@@ -190,14 +195,17 @@ def tokenizer_sha256(v2flow_model: Any) -> str:
         tensors = load_file(folder / WEIGHTS_NAME)
     else:
         config = v2flow_model.config.to_dict()
-        tensors = {k: v.detach().cpu().numpy() for k, v in v2flow_model.state_dict().items()}
+        tensors = {k: v.detach().cpu().numpy() for k, v in v2flow_model.state_dict().items() if _in_tokenizer(k)}
     h = hashlib.sha256(json.dumps({k: config.get(k) for k in _TOKENIZER_CONFIG}, sort_keys=True).encode())
-    for name in sorted(tensors):
-        if name.startswith(_TOKENIZER_PREFIX) or name in _TOKENIZER_NAMES:
-            a = np.ascontiguousarray(tensors[name])
-            h.update(f"{name}|{a.dtype.str}|{a.shape}|".encode())
-            h.update(a.tobytes())
+    for name in sorted(filter(_in_tokenizer, tensors)):
+        a = np.ascontiguousarray(tensors[name])
+        h.update(f"{name}|{a.dtype.str}|{a.shape}|".encode())
+        h.update(a.tobytes())
     return h.hexdigest()
+
+
+def _in_tokenizer(name: str) -> bool:
+    return name.startswith(_TOKENIZER_PREFIX) or name in _TOKENIZER_NAMES
 
 
 # --------------------------------------------------------------------------------------------------
@@ -264,12 +272,11 @@ def codeword_embeddings(codebook: np.ndarray, lm_table: np.ndarray, v2flow_table
 def _load_v2flow(v2flow_model: Any) -> tuple[Any, str]:
     """A V2Flow instance or a folder / "default" → (model, sha256 of its weights)."""
     if isinstance(v2flow_model, (str, os.PathLike)):
-        from ..reference.checkpoint import WEIGHTS_NAME, from_pretrained, resolve_model_path
-        path = os.fspath(v2flow_model)
-        return from_pretrained(path), file_sha256(resolve_model_path(path) / WEIGHTS_NAME)
+        from ..reference.checkpoint import from_pretrained
+        return from_pretrained(os.fspath(v2flow_model)), weights_sha256(v2flow_model)
     if not hasattr(v2flow_model, "quantizer") or not hasattr(v2flow_model, "config"):
         raise LLMError(f"expected a V2Flow model or its folder, got {type(v2flow_model).__name__}")
-    return v2flow_model, v2flow_sha256(v2flow_model)
+    return v2flow_model, weights_sha256(v2flow_model)
 
 
 def expand_vocabulary(lm_dir: str | os.PathLike[str], v2flow_model: Any, out_dir: str | os.PathLike[str], *,
