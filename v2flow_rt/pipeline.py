@@ -72,7 +72,11 @@ class V2FlowPipeline:
         self.stages = EngineStages(engine, config, fake_latent)
         for stage in ("codec_encode", "tokenizer", "token_embed", "mar_step", "codec_decode"):
             if not engine.has(stage):
-                raise ArtifactError(f"{engine.describe()} lacks stage {stage!r} (has {engine.stage_names})")
+                hint = ""
+                if stage.startswith("codec") and config.codec == "dcae":
+                    hint = ("; the model's DC-AE codec was not available when this was built: record one with "
+                            "`v2flow-rt import-official ... --codec DIR` (or export with --codec DIR)")
+                raise ArtifactError(f"{engine.describe()} lacks stage {stage!r} (has {engine.stage_names}){hint}")
 
     # ------------------------------------------------------------------ construction
     @classmethod
