@@ -95,7 +95,8 @@ def export_graph(module: torch.nn.Module, spec: StageSpec, path: Path, opset: in
     ``optimize``: run the exporter's onnxscript optimizer. Third-party modules are exported without it
     (DC-AE, in the codec and one-call stages): its add-zero rewrite matches constants within 1e-8 of
     zero, so DC-AE's linear attention ``num / (den + 1e-15)`` loses its epsilon and gives 0/0 = NaN where
-    ReLU zeroes a whole key set (measured with onnxscript 0.7.2). ONNX Runtime and TensorRT optimise the graph at load anyway.
+    ReLU zeroes a whole key set (measured with onnxscript 0.7.2). ONNX Runtime and TensorRT optimise the
+    graph at load anyway.
     """
     args = export_inputs(spec, rng)
     try:
