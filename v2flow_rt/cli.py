@@ -154,7 +154,9 @@ def _cmd_export(a: argparse.Namespace) -> int:
 
     precisions = [p.strip() for p in a.precision.split(",") if p.strip()]
     manifest = export_model(a.model, a.out, precisions=precisions, opset=a.opset, max_batch=a.max_batch,
-                            progress=not a.quiet, steps=a.steps, solver=a.solver, dcae_path=a.codec)
+                            progress=not a.quiet, steps=a.steps, solver=a.solver, dcae_path=a.codec, aoti=a.aoti,
+                            sampler={"temperature": a.temperature, "cfg_scale": a.cfg, "num_iter": a.num_iter},
+                            stages=[s.strip() for s in a.stages.split(",") if s.strip()] if a.stages else None)
     print(f"exported {len(manifest.stages)} stage(s) x {', '.join(manifest.precisions)} to {a.out}")
     for precision, q in manifest.quality.items():
         print(f"  {precision:9s} PSNR {q['psnr']:.2f} dB ({q['psnr_delta_vs_fp32']:+.3f} vs fp32), "
@@ -318,7 +320,15 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: the model's)")
     p.add_argument("--solver", choices=["euler", "heun", "dpm++2m"], default=None,
                    help="solver of the fused ODE graphs (default: the model's)")
+    p.add_argument("--temperature", type=float, default=None, help="noise scale baked into the one-call "
+                   "detokenize graph (default: the model's)")
+    p.add_argument("--cfg", type=float, default=None, help="guidance of the one-call detokenize graph: 1 bakes an "
+                   "unguided graph, anything else a guided one taking cfg_scale as input (default: the model's)")
+    p.add_argument("--num-iter", type=int, default=None, help="masked-AR iterations of the one-call graph")
     p.add_argument("--codec", metavar="DCAE_DIR", help="DC-AE codec folder for a model that records none")
+    p.add_argument("--stages", help="comma-separated subset of the stages (default: all)")
+    p.add_argument("--aoti", action="store_true", help="also write the one-call graphs as AOTInductor packages "
+                   "(tokenize.pt2, detokenize.pt2) for the C++ clients in cpp/")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_export)
 

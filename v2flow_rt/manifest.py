@@ -114,6 +114,7 @@ class Manifest:
         precision_notes: precision → stage → what was kept in fp32 or excluded from quantization, and why.
         constants: small host-side tensors the runtime needs (``fake_latent``, the unconditional vector).
         notes: free-form remarks (skipped stages and why).
+        packages: stage → AOTInductor package (``{stage}.pt2``) of the one-call graphs, for C++ hosts.
         timings: seconds spent per export phase.
         created: ISO-8601 UTC time of the export.
     """
@@ -132,6 +133,7 @@ class Manifest:
     precision_notes: dict[str, dict[str, Any]] = field(default_factory=dict)
     constants: dict[str, list[float]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    packages: dict[str, str] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     created: str = ""
     folder: Path | None = field(default=None, compare=False)
@@ -159,6 +161,13 @@ class Manifest:
             raise ArtifactError(f"stage {stage!r} was not exported at {precision} to {self.folder}; "
                                 f"exported stages: {', '.join(per) or 'none'}")
         return self.folder / per[stage]
+
+    def package_path(self, stage: str) -> Path:
+        """Absolute path of a one-call stage's AOTInductor package; ArtifactError if none was written."""
+        if self.folder is None or stage not in self.packages:
+            raise ArtifactError(f"no AOTInductor package of {stage!r} in {self.folder} (export with --aoti); "
+                                f"packages: {', '.join(self.packages) or 'none'}")
+        return self.folder / self.packages[stage]
 
     def spec(self, stage: str) -> StageSpec:
         """The stage's spec, rebuilt through ``stage_specs`` and checked against what was recorded.
@@ -201,6 +210,7 @@ class Manifest:
             "source_checkpoint_sha256": self.source_checkpoint_sha256, "source_checkpoint": self.source_checkpoint,
             "versions": self.versions, "parity": self.parity, "quality": self.quality,
             "precision_notes": self.precision_notes, "constants": self.constants, "notes": self.notes,
+            "packages": self.packages,
             "timings": self.timings, "created": self.created,
         }
 
@@ -224,7 +234,7 @@ class Manifest:
                 and isinstance(sha, dict)):
             raise ArtifactError(f"{where}: 'files' must map precision → stage → file and 'sha256' file → hash")
         optional = ("stage_options", "source_checkpoint", "versions", "parity", "quality", "precision_notes",
-                    "constants", "notes", "timings", "created")
+                    "constants", "notes", "packages", "timings", "created")
         return cls(config=config, stages=data["stages"], files=files, sha256=sha, opset=int(data["opset"]),
                    source_checkpoint_sha256=str(data["source_checkpoint_sha256"]),
                    **{k: data[k] for k in optional if k in data})
@@ -262,7 +272,7 @@ class Manifest:
             raise ArtifactError(f"{path} is not valid JSON (corrupted?): {exc}") from None
         m = cls.from_dict(data, where=str(path))
         m.folder = folder
-        listed = {rel for per in m.files.values() for rel in per.values()}
+        listed = {rel for per in m.files.values() for rel in per.values()} | set(m.packages.values())
         unhashed = sorted(listed - set(m.sha256))
         if unhashed:
             raise ArtifactError(f"{path}: file(s) {unhashed} have no sha256 entry")

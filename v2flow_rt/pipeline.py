@@ -70,7 +70,10 @@ class V2FlowPipeline:
     def __init__(self, engine: Engine, config: V2FlowConfig, fake_latent: np.ndarray, max_batch: int = 16) -> None:
         self.engine, self.config, self.max_batch = engine, config, max_batch
         self.stages = EngineStages(engine, config, fake_latent)
-        for stage in ("codec_encode", "tokenizer", "token_embed", "mar_step", "codec_decode"):
+        # Either path serves each verb: the one-call graph, or the stages the loop runs.
+        needed = [] if engine.has("tokenize") else ["codec_encode", "tokenizer"]
+        needed += [] if engine.has("detokenize") else ["token_embed", "mar_step", "codec_decode"]
+        for stage in needed:
             if not engine.has(stage):
                 hint = ""
                 if stage.startswith("codec") and config.codec == "dcae":
@@ -229,6 +232,8 @@ class V2FlowPipeline:
         if noise is not None:
             check_noise(noise, len(ids), n, self.config.token_dim)
         fused = self._use_one_call("detokenize", one_call, settings)
+        if not fused and not self.engine.has("mar_step"):
+            self._use_one_call("detokenize", True, settings)     # no loop stages: say why the graph cannot serve
         ode = self.stages.ode_for(settings)
         images = []
         for part in self._chunks(len(ids)):

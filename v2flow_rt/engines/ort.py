@@ -16,6 +16,7 @@ import numpy as np
 
 from ..errors import ArtifactError, BackendUnavailable
 from ..manifest import Manifest
+from ..stages import ONE_CALL_STAGES
 from .base import Engine
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
@@ -40,7 +41,10 @@ class OrtEngine(Engine):
     backend = "ort"
 
     def __init__(self, folder: str | os.PathLike[str], precision: str = "fp32", provider: str = "cpu",
-                 threads: int | None = None, verify: bool = True, device_id: int = 0) -> None:
+                 threads: int | None = None, verify: bool = True, device_id: int = 0, cuda_graph: bool = False) -> None:
+        """``cuda_graph`` (provider ``cuda``): capture each one-call stage (``tokenize``, ``detokenize``) as a
+        CUDA graph per input shape on its first call and replay it afterwards, one launch per request;
+        its inputs and outputs live in device buffers bound once per shape (ORT's ``enable_cuda_graph``)."""
         ort = _ort()
         self.manifest = Manifest.load(folder, verify=verify)
         if precision not in self.manifest.precisions:
@@ -52,7 +56,11 @@ class OrtEngine(Engine):
             raise BackendUnavailable(
                 f"ONNX Runtime here has providers {ort.get_available_providers()}, not {PROVIDERS[provider]}; "
                 f"install onnxruntime-gpu (instead of onnxruntime) on a machine with an NVIDIA GPU")
+        if cuda_graph and provider != "cuda":
+            raise BackendUnavailable(f"CUDA graphs need the cuda provider, not {provider!r}")
         self.precision, self.provider, self.threads, self.device_id = precision, provider, threads, device_id
+        self.cuda_graph = cuda_graph
+        self._bound: dict[tuple[str, tuple[tuple[int, ...], ...]], tuple[Any, dict[str, Any], Any]] = {}
         self.device = "cpu" if provider == "cpu" else f"cuda:{device_id}"
         self.backend = f"ort-{provider}"
         self.specs = {s: self.manifest.spec(s) for s in self.manifest.files[precision]}
@@ -62,7 +70,10 @@ class OrtEngine(Engine):
         cpu = "CPUExecutionProvider"
         if self.provider == "cpu":
             return [cpu]
-        cuda = ("CUDAExecutionProvider", {"device_id": self.device_id})
+        cuda_options: dict[str, Any] = {"device_id": self.device_id}
+        if self.cuda_graph and stage in ONE_CALL_STAGES:
+            cuda_options["enable_cuda_graph"] = "1"
+        cuda = ("CUDAExecutionProvider", cuda_options)
         if self.provider == "cuda":
             return [cuda, cpu]
         folder = self.manifest.folder or Path(".")
@@ -94,6 +105,8 @@ class OrtEngine(Engine):
         names = self.specs[stage].output_names
         if self.provider == "cpu":
             return dict(zip(names, sess.run(names, feeds)))
+        if self.cuda_graph and stage in ONE_CALL_STAGES:
+            return self._run_graph(stage, sess, feeds)
         # On the GPU: inputs copied once to the device, outputs allocated there by ORT (IO binding).
         binding = sess.io_binding()
         for name, value in feeds.items():
@@ -102,3 +115,31 @@ class OrtEngine(Engine):
             binding.bind_output(name, "cuda", self.device_id)
         sess.run_with_iobinding(binding)
         return dict(zip(names, binding.copy_outputs_to_cpu()))
+
+    def _run_graph(self, stage: str, sess: Any, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """One replay of the stage's CUDA graph for this input shape (captured by ORT on the first run with a
+        new ``gpu_graph_id``): inputs are copied into the bound device buffers in place, so their addresses
+        never change, which is what a captured graph needs."""
+        ort = _ort()
+        spec = self.specs[stage]
+        key = (stage, tuple(tuple(feeds[t.name].shape) for t in spec.inputs))
+        if key not in self._bound:
+            binding = sess.io_binding()
+            values: dict[str, Any] = {}
+            for t in spec.inputs:
+                values[t.name] = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(feeds[t.name]), "cuda",
+                                                                  self.device_id)
+                binding.bind_ortvalue_input(t.name, values[t.name])
+            dims = spec.check_inputs(feeds)
+            for t in spec.outputs:
+                values[t.name] = ort.OrtValue.ortvalue_from_shape_and_type(t.resolve(dims), np.dtype(t.dtype), "cuda",
+                                                                           self.device_id)
+                binding.bind_ortvalue_output(t.name, values[t.name])
+            options = ort.RunOptions()
+            options.add_run_config_entry("gpu_graph_id", str(len(self._bound) + 1))
+            self._bound[key] = (binding, values, options)
+        binding, values, options = self._bound[key]
+        for t in spec.inputs:
+            values[t.name].update_inplace(np.ascontiguousarray(feeds[t.name]))
+        sess.run_with_iobinding(binding, options)
+        return {t.name: values[t.name].numpy() for t in spec.outputs}

@@ -50,6 +50,7 @@ from .precision import EXTERNAL_DATA_BYTES, convert_stage, graph_files, ort_sess
 
 CODEC_STAGES = ("codec_encode", "codec_decode")
 NEEDS_CODEC = CODEC_STAGES + ONE_CALL_STAGES
+SAMPLER_OVERRIDES = ("num_iter", "cfg_scale", "cfg_mode", "temperature")
 
 
 def state_sha256(model: torch.nn.Module) -> str:
@@ -200,7 +201,7 @@ def export_model(model: V2Flow | str | os.PathLike[str], out_dir: str | os.PathL
                  shift: float | None = None, source: str | os.PathLike[str] | None = None,
                  dcae_path: str | None = None, validate: bool = True, quality: bool = True,
                  calib_images: int = 32, quality_per_image: int = 8, parity_photos: int = 4,
-                 seed: int = 0) -> Manifest:
+                 seed: int = 0, aoti: bool = False, sampler: dict[str, Any] | None = None) -> Manifest:
     """Export, validate and measure every stage; return the manifest written into ``out_dir``.
 
     Args:
@@ -214,6 +215,8 @@ def export_model(model: V2Flow | str | os.PathLike[str], out_dir: str | os.PathL
         stages: a subset of stage names (default: all; the codec stages are skipped, with a note, when the
             codec cannot be built here, e.g. DC-AE without diffusers or a local folder).
         steps, solver, shift: ODE settings baked into ``ode``/``ode_cfg`` (default: the config's).
+        sampler: other sampler settings baked into the one-call ``detokenize`` graph (``SAMPLER_OVERRIDES``:
+            num_iter, cfg_scale (guided or not), cfg_mode, temperature; default: the config's).
         source: for an in-memory ``model``, the checkpoint folder it was loaded from (recorded, so
             ``validate_folder`` can re-check against it).
         dcae_path: local DC-AE folder for ``dcae`` configs.
@@ -223,6 +226,8 @@ def export_model(model: V2Flow | str | os.PathLike[str], out_dir: str | os.PathL
         quality_per_image: held-out crops per photo for the quality figures.
         parity_photos: held-out crops pushed through the stages for the real-photo parity check (0: none).
         seed: seed of the random parity inputs, the calibration crops and the sampling noise.
+        aoti: also compile the one-call modules into AOTInductor packages (``{stage}.pt2``, for the C++
+            clients of ``cpp/``), each checked against its module (ParityError otherwise).
 
     Raises:
         ExportError: bad arguments, an export or checker failure (names the stage).
@@ -240,7 +245,11 @@ def export_model(model: V2Flow | str | os.PathLike[str], out_dir: str | os.PathL
     _check_target(out)
     net, source_path, source_sha = _resolve(model, source)
     cfg = net.config
-    specs_all = stage_specs(cfg, max_batch=max_batch, steps=steps, solver=solver, shift=shift)
+    extra = {k: v for k, v in (sampler or {}).items() if v is not None}
+    unknown_fields = sorted(set(extra) - set(SAMPLER_OVERRIDES))
+    if unknown_fields:
+        raise ExportError(f"unknown sampler setting(s) {unknown_fields}; choose from {list(SAMPLER_OVERRIDES)}")
+    specs_all = stage_specs(cfg, max_batch=max_batch, steps=steps, solver=solver, shift=shift, **extra)
     wanted = list(stages) if stages is not None else list(STAGE_NAMES)
     unknown = [s for s in wanted if s not in specs_all]
     if unknown:
@@ -256,9 +265,9 @@ def export_model(model: V2Flow | str | os.PathLike[str], out_dir: str | os.PathL
             notes.append(f"codec and one-call stages not exported: {why}")
     specs = {s: specs_all[s] for s in wanted}
     stage_options = {"max_batch": max_batch, "steps": int(specs_all["ode"].attrs["steps"]),
-                     "solver": str(specs_all["ode"].attrs["solver"]), "shift": float(specs_all["ode"].attrs["shift"])}
-    settings = SamplerSettings.from_config(cfg, steps=stage_options["steps"], solver=stage_options["solver"],
-                                           shift=stage_options["shift"])
+                     "solver": str(specs_all["ode"].attrs["solver"]), "shift": float(specs_all["ode"].attrs["shift"]),
+                     **extra}
+    settings = SamplerSettings.from_config(cfg, **{k: v for k, v in stage_options.items() if k != "max_batch"})
     # Every stage module, exported or not: recording real-photo inputs runs the whole fp32 pipeline.
     modules = stage_modules(net, {s: sp for s, sp in specs_all.items()
                                   if s not in NEEDS_CODEC or codec is not None}, codec)
@@ -308,6 +317,17 @@ def export_model(model: V2Flow | str | os.PathLike[str], out_dir: str | os.PathL
                         name, specs[name], _runner(manifest.path(name, "fp32")), modules[name], parity_feeds[name],
                         gate=True, cache=parity_refs[name])
                 clock.lap("parity fp32")
+            if aoti:    # C++ packages of the one-call modules (LibTorch AOTInductor)
+                from .aoti import write_packages
+
+                wanted_oc = {s: modules[s] for s in specs if s in ONE_CALL_STAGES}
+                if not wanted_oc:
+                    raise ExportError("--aoti packages the one-call graphs (tokenize, detokenize), which this export "
+                                      "does not hold (they need the codec)")
+                defaults = {"cfg_scale": settings.cfg_scale}
+                manifest.packages, manifest.parity["aoti"] = write_packages(wanted_oc, specs, tmp, rng, progress,
+                                                                            defaults)
+                clock.lap("aoti")
             # 3. other precisions, calibrated on TRAIN photo crops through the fp32 stages
             others = precisions[1:]
             if others:
@@ -392,6 +412,8 @@ def _hash_files(manifest: Manifest, folder: Path) -> None:
         for rel in per.values():
             for f in graph_files(folder / rel):
                 manifest.sha256[f.name] = file_sha256(f)
+    for rel in manifest.packages.values():
+        manifest.sha256[rel] = file_sha256(folder / rel)
 
 
 def _progress(items: list[str], enabled: bool, desc: str) -> Any:

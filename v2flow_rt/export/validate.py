@@ -279,8 +279,9 @@ def measure_quality(folder: Path, model: V2Flow, images: np.ndarray, settings: A
         t0 = time.perf_counter()
         pipe = V2FlowPipeline.from_pretrained(folder, backend="ort", precision=precision, threads=threads)
         ids = pipe.tokenize(images, one_call=False)
-        recon = pipe.detokenize(ids, steps=settings.steps, solver=settings.solver, seed=seed,
-                                one_call=False)                                           # uint8 [B,H,W,3]
+        sampling = {"steps": settings.steps, "solver": settings.solver, "temperature": settings.temperature,
+                    "cfg": settings.cfg_scale, "num_iter": settings.num_iter, "cfg_mode": settings.cfg_mode}
+        recon = pipe.detokenize(ids, seed=seed, one_call=False, **sampling)              # uint8 [B,H,W,3]
         value = psnr(recon, original)
         if ids_fp32 is None:   # fp32 comes first
             ids_fp32, psnr_fp32 = ids, value
@@ -289,7 +290,7 @@ def measure_quality(folder: Path, model: V2Flow, images: np.ndarray, settings: A
                                "seconds": time.perf_counter() - t0}
         if pipe.engine.has("detokenize") and pipe.engine.has("tokenize"):
             ids1 = pipe.tokenize(images, one_call=True)
-            recon1 = pipe.detokenize(ids, steps=settings.steps, solver=settings.solver, seed=seed, one_call=True)
+            recon1 = pipe.detokenize(ids, seed=seed, one_call=True, **sampling)
             fig["one_call"] = {"psnr": psnr(recon1, original), "psnr_vs_loop": psnr(recon1, recon),
                                "token_agreement_with_stage_path": float((ids1 == ids).mean())}
         if precision == "fp32":
@@ -301,6 +302,49 @@ def measure_quality(folder: Path, model: V2Flow, images: np.ndarray, settings: A
             fig["psnr_pytorch"] = torch_psnr
         out[precision] = fig
     return out
+
+
+# ----------------------------------------------------------------------------- one call vs the stage path
+
+def one_call_rows(m: Manifest, rng: np.random.Generator, bounds: dict[str, float]) -> list[dict[str, Any]]:
+    """Per precision: the one-call ``tokenize`` against the stage path's ids (exact) and the one-call
+    ``detokenize`` against the sampling loop over the stage graphs of the same precision, fed the same ids,
+    orders and noise (fp32 gated at ``FP32_MAX_REL`` or the stage's round-off bound; the others recorded)."""
+    from ..pipeline import V2FlowPipeline
+
+    rows: list[dict[str, Any]] = []
+    cfg = m.config
+    ids = rng.integers(0, cfg.codebook_size, (2, cfg.num_tokens), dtype=np.int64)
+    images = rng.uniform(-1, 1, (2, 3, cfg.img_size, cfg.img_size)).astype(np.float32)
+    seed = int(rng.integers(0, 2**31))
+    for precision in m.precisions:
+        pipe = V2FlowPipeline.from_pretrained(m.folder or ".", backend="ort", precision=precision, verify=False)
+        gated = precision == "fp32"
+        eng = pipe.engine
+        if eng.has("tokenize") and eng.has("tokenizer") and eng.has("codec_encode"):
+            fig = compare_output(pipe.tokenize(images, one_call=True), pipe.tokenize(images, one_call=False))
+            ok = fig["mismatches"] == 0 or not gated
+            rows.append({"stage": "tokenize", "precision": precision, "runner": "vs-stages", "output": "ids", **fig,
+                         "ok": ok, "tolerance": "exact ids of the stage path" if gated else "recorded only"})
+        if eng.has("detokenize") and eng.has("mar_step"):
+            attrs = eng.spec("detokenize").attrs
+            kw = {"steps": attrs["steps"], "solver": attrs["solver"], "num_iter": attrs["num_iter"],
+                  "cfg_mode": attrs["cfg_mode"], "temperature": attrs["temperature"],
+                  "cfg": (cfg.cfg_scale if cfg.cfg_scale != 1.0 else 3.0) if attrs["guided"] else 1.0}
+            one = pipe.detokenize(ids, seed=seed, output="float", one_call=True, **kw)
+            loop = pipe.detokenize(ids, seed=seed, output="float", one_call=False, **kw)
+            fig = compare_output(one, loop)
+            bound = bounds.get("images", FP32_MAX_REL)
+            row = {"stage": "detokenize", "precision": precision, "runner": "vs-loop", "output": "images", **fig,
+                   "tolerance": fp32_tolerance(bound) if gated else "recorded only (judged by quality figures)"}
+            try:
+                if gated:
+                    gate_fp32("detokenize", "images", fig, "one call vs the loop", bound)
+                row["ok"] = True
+            except ParityError as exc:
+                row["ok"], row["error"] = False, str(exc)
+            rows.append(row)
+    return rows
 
 
 # ----------------------------------------------------------------------------- validate_folder
@@ -465,13 +509,13 @@ def _validate(folder: Path, json: bool, seed: int | None, photos: bool) -> Valid
         if photos and codec is not None:
             from ..data import HELDOUT_PHOTOS
 
-            settings = SamplerSettings.from_config(m.config, steps=m.stage_options.get("steps"),
-                                                   solver=m.stage_options.get("solver"),
-                                                   shift=m.stage_options.get("shift"))
+            settings = SamplerSettings.from_config(m.config, **{k: v for k, v in m.stage_options.items()
+                                                                 if k != "max_batch"})
             imgs = photo_crops(HELDOUT_PHOTOS, m.config.img_size)[:4]
             photo_feeds = record_stage_inputs(model, modules, imgs, replace(settings, steps=min(settings.steps, 4)),
                                               seed=0, batch=4, max_rows=64, stages=list(m.stages))
     trt_note = ""
+    stage_bounds: dict[str, dict[str, float]] = {}
     for stage in m.stages:
         spec = m.spec(stage)
         feeds = [ordered(spec, f) for f in random_feeds(spec, rng)]
@@ -508,6 +552,7 @@ def _validate(folder: Path, json: bool, seed: int | None, photos: bool) -> Valid
         fp32_figs = [f for (i, _), f in figures.items() if labels[i - 1][0] == "fp32"]
         bounds = (roundoff_bounds(modules[stage], spec, feeds, ref_iters)
                   if model is not None and needs_bounds(fp32_figs) else {})
+        stage_bounds[stage] = bounds
         for i, (precision, kind) in enumerate(labels, start=1):
             for name in spec.output_names:
                 fig = figures[(i, name)]
@@ -542,6 +587,8 @@ def _validate(folder: Path, json: bool, seed: int | None, photos: bool) -> Valid
                 report.rows.append({"stage": stage, "precision": "fp32", "runner": "polygraphy", "output": "*",
                                     "ok": False,
                                     "tolerance": "polygraphy elementwise atol = the fp32 bound * max|ref|"})
+    if "detokenize" in m.stages or "tokenize" in m.stages:
+        report.rows += one_call_rows(m, rng, stage_bounds.get("detokenize", {}))
     if trt_note:
         report.notes.append(trt_note)
     if not report.rows:

@@ -1,0 +1,159 @@
+// File I/O for the v2flow-rt C++ clients: .npy arrays (NumPy format 1.0/2.0, little-endian, C order) and
+// binary PPM images (P6, maxval 255). No dependency beyond the C++17 standard library.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+#include <fstream>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace v2flow {
+
+// An n-d array as read from / written to a .npy file: dtype "f4" (float32), "i8" (int64) or "u1" (uint8).
+struct Array {
+  std::string dtype;
+  std::vector<int64_t> shape;
+  std::vector<char> data;
+
+  int64_t numel() const {
+    int64_t n = 1;
+    for (int64_t d : shape) n *= d;
+    return n;
+  }
+};
+
+inline size_t item_size(const std::string& dtype) {
+  if (dtype == "f4") return 4;
+  if (dtype == "i8") return 8;
+  if (dtype == "u1") return 1;
+  throw std::runtime_error("unsupported .npy dtype '" + dtype + "' (expected <f4, <i8 or |u1)");
+}
+
+inline std::string header_field(const std::string& header, const std::string& key, const std::string& path) {
+  size_t k = header.find("'" + key + "'");
+  if (k == std::string::npos) throw std::runtime_error(path + ": .npy header has no '" + key + "'");
+  size_t colon = header.find(':', k);
+  size_t start = header.find_first_not_of(' ', colon + 1);
+  size_t end = header[start] == '(' ? header.find(')', start) + 1 : header.find_first_of(",}", start);
+  return header.substr(start, end - start);
+}
+
+inline Array load_npy(const std::string& path) {
+  std::ifstream f(path, std::ios::binary);
+  if (!f) throw std::runtime_error(path + ": cannot open");
+  char magic[6];
+  f.read(magic, 6);
+  if (!f || std::memcmp(magic, "\x93NUMPY", 6) != 0) throw std::runtime_error(path + ": not a .npy file");
+  unsigned char version[2];
+  f.read(reinterpret_cast<char*>(version), 2);
+  uint32_t header_len = 0;
+  if (version[0] == 1) {
+    unsigned char b[2];
+    f.read(reinterpret_cast<char*>(b), 2);
+    header_len = b[0] | (b[1] << 8);
+  } else {
+    unsigned char b[4];
+    f.read(reinterpret_cast<char*>(b), 4);
+    header_len = b[0] | (b[1] << 8) | (b[2] << 16) | (uint32_t(b[3]) << 24);
+  }
+  std::string header(header_len, ' ');
+  f.read(&header[0], header_len);
+  if (!f) throw std::runtime_error(path + ": truncated .npy header");
+  if (header_field(header, "fortran_order", path).find("False") == std::string::npos)
+    throw std::runtime_error(path + ": Fortran-ordered arrays are not supported (save with np.ascontiguousarray)");
+  std::string descr = header_field(header, "descr", path);   // e.g. '<f4'
+  if (descr.size() < 5 || (descr[1] != '<' && descr[1] != '|'))
+    throw std::runtime_error(path + ": dtype " + descr + " is not little-endian");
+  Array a;
+  a.dtype = descr.substr(2, descr.size() - 3);
+  std::string shape = header_field(header, "shape", path);    // e.g. (2, 64)
+  std::stringstream ss(shape.substr(1, shape.size() - 2));
+  std::string item;
+  while (std::getline(ss, item, ',')) {
+    if (item.find_first_not_of(' ') != std::string::npos) a.shape.push_back(std::stoll(item));
+  }
+  a.data.resize(static_cast<size_t>(a.numel()) * item_size(a.dtype));
+  f.read(a.data.data(), static_cast<std::streamsize>(a.data.size()));
+  if (!f) throw std::runtime_error(path + ": truncated .npy data");
+  return a;
+}
+
+inline void save_npy(const std::string& path, const Array& a) {
+  std::string shape = "(";
+  for (size_t i = 0; i < a.shape.size(); ++i) {
+    shape += std::to_string(a.shape[i]);
+    if (a.shape.size() == 1) shape += ",";              // a 1-tuple, as Python writes it
+    else if (i + 1 < a.shape.size()) shape += ", ";
+  }
+  shape += ")";
+  std::string endian = a.dtype == "u1" ? "|" : "<";
+  std::string header = "{'descr': '" + endian + a.dtype + "', 'fortran_order': False, 'shape': " + shape + ", }";
+  while ((10 + header.size() + 1) % 64 != 0) header += ' ';
+  header += '\n';
+  std::string tmp = path + ".tmp";
+  {
+    std::ofstream f(tmp, std::ios::binary);
+    if (!f) throw std::runtime_error(path + ": cannot write");
+    f.write("\x93NUMPY\x01\x00", 8);
+    uint16_t len = static_cast<uint16_t>(header.size());
+    char b[2] = {static_cast<char>(len & 0xff), static_cast<char>(len >> 8)};
+    f.write(b, 2);
+    f.write(header.data(), static_cast<std::streamsize>(header.size()));
+    f.write(a.data.data(), static_cast<std::streamsize>(a.data.size()));
+    if (!f) throw std::runtime_error(path + ": write failed");
+  }
+  if (std::rename(tmp.c_str(), path.c_str()) != 0) throw std::runtime_error(path + ": cannot rename into place");
+}
+
+// A binary PPM (P6, maxval 255) as uint8 [H, W, 3].
+struct Image {
+  int64_t height = 0, width = 0;
+  std::vector<uint8_t> rgb;
+};
+
+inline int ppm_token(std::istream& f, const std::string& path) {
+  std::string tok;
+  while (f >> tok) {
+    if (tok[0] == '#') {
+      std::string rest;
+      std::getline(f, rest);
+      continue;
+    }
+    return std::stoi(tok);
+  }
+  throw std::runtime_error(path + ": truncated PPM header");
+}
+
+inline Image load_ppm(const std::string& path) {
+  std::ifstream f(path, std::ios::binary);
+  if (!f) throw std::runtime_error(path + ": cannot open");
+  std::string magic;
+  f >> magic;
+  if (magic != "P6") throw std::runtime_error(path + ": not a binary PPM (P6)");
+  Image im;
+  im.width = ppm_token(f, path);
+  im.height = ppm_token(f, path);
+  if (ppm_token(f, path) != 255) throw std::runtime_error(path + ": only maxval 255 PPMs are supported");
+  f.get();   // the single whitespace after maxval
+  im.rgb.resize(static_cast<size_t>(im.width * im.height * 3));
+  f.read(reinterpret_cast<char*>(im.rgb.data()), static_cast<std::streamsize>(im.rgb.size()));
+  if (!f) throw std::runtime_error(path + ": truncated PPM data");
+  return im;
+}
+
+inline void save_ppm(const std::string& path, const Image& im) {
+  std::string tmp = path + ".tmp";
+  {
+    std::ofstream f(tmp, std::ios::binary);
+    if (!f) throw std::runtime_error(path + ": cannot write");
+    f << "P6\n" << im.width << " " << im.height << "\n255\n";
+    f.write(reinterpret_cast<const char*>(im.rgb.data()), static_cast<std::streamsize>(im.rgb.size()));
+    if (!f) throw std::runtime_error(path + ": write failed");
+  }
+  if (std::rename(tmp.c_str(), path.c_str()) != 0) throw std::runtime_error(path + ": cannot rename into place");
+}
+
+}  // namespace v2flow

@@ -1,0 +1,97 @@
+"""The C++ clients in cpp/ built with cmake + g++ against the pip torch's LibTorch and run on AOTInductor
+packages of the bundled default model's one-call graphs; their outputs are compared with Python's: ids
+exactly, images to 1e-4 of their largest value (the ORT stage loop, fed the same ids, orders and noise)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from v2flow_rt.data import HELDOUT_PHOTOS, eval_crops, from_model_range
+from v2flow_rt.export.onnx import export_model
+from v2flow_rt.pipeline import V2FlowPipeline
+from v2flow_rt.sampling import seeded_randomness
+
+CPP = Path(__file__).resolve().parent.parent / "cpp"
+STEPS = 4
+
+pytestmark = pytest.mark.skipif(shutil.which("cmake") is None or shutil.which("g++") is None,
+                                reason="cmake and g++ are needed to build the C++ clients")
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The default model's one-call graphs (ONNX and AOTInductor, temperature 1 so the noise matters) and the
+    two executables."""
+    import torch
+
+    root = tmp_path_factory.mktemp("cpp")
+    m = export_model("default", root / "export", steps=STEPS, aoti=True, quality=False, progress=False,
+                     sampler={"temperature": 1.0}, calib_images=8)
+    build = root / "build"
+    subprocess.run(["cmake", "-S", str(CPP), "-B", str(build), f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}"],
+                   check=True, capture_output=True)
+    subprocess.run(["cmake", "--build", str(build), "-j2"], check=True, capture_output=True)
+    return {"root": root, "manifest": m, "tok": build / "v2flow-tokenize", "detok": build / "v2flow-detokenize"}
+
+
+def _run(*args: Any) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(a) for a in args], capture_output=True, text=True, timeout=300)
+
+
+def test_tokenize_executable_gives_pythons_ids(built: dict[str, Any], tmp_path: Path) -> None:
+    from PIL import Image
+
+    crops = eval_crops(HELDOUT_PHOTOS, 64, per_image=3)                              # [6, 3, 64, 64]
+    ref = V2FlowPipeline.from_pretrained(built["root"] / "export", backend="ort").tokenize(crops, one_call=False)
+    np.save(tmp_path / "images.npy", crops)
+    r = _run(built["tok"], built["manifest"].package_path("tokenize"), "--out", tmp_path / "ids.npy",
+             "--images", tmp_path / "images.npy")
+    assert r.returncode == 0, r.stderr
+    np.testing.assert_array_equal(np.load(tmp_path / "ids.npy"), ref)
+    # PPM images in, the same ids out (uint8 pixels → [-1, 1] in C++)
+    ppms = []
+    for i, img in enumerate(from_model_range(crops)):
+        Image.fromarray(img).save(tmp_path / f"{i}.ppm")
+        ppms.append(tmp_path / f"{i}.ppm")
+    r = _run(built["tok"], built["manifest"].package_path("tokenize"), "--out", tmp_path / "ids2.npy", *ppms)
+    assert r.returncode == 0, r.stderr
+    np.testing.assert_array_equal(np.load(tmp_path / "ids2.npy"), ref)
+
+
+def test_detokenize_executable_matches_the_python_loop(built: dict[str, Any], tmp_path: Path) -> None:
+    ids = np.random.default_rng(4).integers(0, 4096, (3, 64)).astype(np.int64)
+    pipe = V2FlowPipeline.from_pretrained(built["root"] / "export", backend="ort")
+    orders, noise = seeded_randomness(7, 3, 64, 192, 4)
+    ref = pipe.detokenize(ids, steps=STEPS, temperature=1.0, seed=7, output="float", one_call=False)
+    for name, a in (("ids", ids), ("orders", orders), ("noise", noise)):
+        np.save(tmp_path / f"{name}.npy", a)
+    pkg = built["manifest"].package_path("detokenize")
+    r = _run(built["detok"], pkg, "--ids", tmp_path / "ids.npy", "--orders", tmp_path / "orders.npy",
+             "--noise", tmp_path / "noise.npy", "--out", tmp_path / "out.npy", "--ppm", tmp_path / "img")
+    assert r.returncode == 0, r.stderr
+    got = np.load(tmp_path / "out.npy")
+    assert got.shape == (3, 3, 64, 64) and np.abs(ref).max() > 0.1
+    assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max()
+    from PIL import Image
+
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "img_001.ppm")), from_model_range(got)[1])
+    # another seed's noise gives another image: the noise input is used
+    r = _run(built["detok"], pkg, "--ids", tmp_path / "ids.npy", "--seed", "3", "--out", tmp_path / "seeded.npy")
+    assert r.returncode == 0, r.stderr
+    seeded = np.load(tmp_path / "seeded.npy")
+    assert np.isfinite(seeded).all() and np.abs(seeded - got).max() > 1e-2
+
+
+def test_bad_inputs_are_one_line_errors(built: dict[str, Any], tmp_path: Path) -> None:
+    np.save(tmp_path / "ids.npy", np.zeros((2, 63), np.int64))
+    r = _run(built["detok"], built["manifest"].package_path("detokenize"), "--ids", tmp_path / "ids.npy",
+             "--seed", "1", "--out", tmp_path / "o.npy")
+    assert r.returncode == 2 and "axis 1 must be 64, got 63" in r.stderr and not (tmp_path / "o.npy").exists()
+    r = _run(built["tok"], built["manifest"].package_path("detokenize"), "--out", tmp_path / "x.npy", "a.ppm")
+    assert r.returncode == 2 and "is the 'detokenize' package" in r.stderr

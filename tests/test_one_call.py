@@ -1,0 +1,156 @@
+"""One-call graphs: the whole tokenize and the whole detokenize as one graph each.
+
+References: the numpy sampling loop (over the reference model's torch stages, and over the exported stage
+graphs on the same engine) fed the same ids, orders and noise; the stage path's ids. Models have every
+zero-initialised layer randomised (a fresh model's velocity output is exactly zero)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from v2flow_rt.config import get_preset
+from v2flow_rt.errors import ArtifactError, BackendUnavailable
+from v2flow_rt.export.onnx import export_model
+from v2flow_rt.export.validate import FP32_MAX_REL, validate_folder
+from v2flow_rt.pipeline import V2FlowPipeline
+from v2flow_rt.reference.checkpoint import randomize_zero_layers
+from v2flow_rt.reference.codecs import build_codec
+from v2flow_rt.reference.model import V2Flow
+from v2flow_rt.reference.stage_modules import stage_module
+from v2flow_rt.sampling import SamplerSettings, seeded_randomness, tokens_per_iteration
+from v2flow_rt.stages import stage_specs
+
+STEPS = 4
+
+
+def _model(seed: int = 0, **overrides: Any) -> V2Flow:
+    torch.manual_seed(seed)
+    return randomize_zero_layers(V2Flow(get_preset("tiny", **overrides)).eval(), seed + 1)
+
+
+@pytest.mark.parametrize("overrides", [{}, {"cfg_scale": 3.0},
+                                       {"cfg_scale": 2.5, "cfg_mode": "mar", "cfg_schedule": "linear"}],
+                         ids=["unguided", "official-cfg", "mar-cfg-linear"])
+def test_detokenize_module_equals_the_loop_over_the_reference_stages(overrides: dict[str, Any]) -> None:
+    """The one-call module against ``sampling.sample_tokens`` over the reference model (then the codec),
+    with the orders and noise of the same seed: 1e-5 of the largest value (only summation order differs)."""
+    model = _model(**overrides, temperature=0.8)
+    spec = stage_specs(model.config, steps=STEPS)["detokenize"]
+    module = stage_module("detokenize", model, spec)
+    settings = SamplerSettings.from_config(model.config, steps=STEPS)
+    ids = torch.from_numpy(np.random.default_rng(2).integers(0, 4096, (3, 64)))
+    orders, noise = seeded_randomness(9, 3, 64, 192, settings.num_iter)
+    args = [ids, torch.from_numpy(orders), torch.from_numpy(noise)]
+    if settings.guided:
+        args.append(torch.tensor([settings.cfg_scale]))
+    with torch.no_grad():
+        got = module(*args).numpy()
+        tokens = model.sample_tokens(model.embed_ids(ids), settings, seed=9)
+        ref = build_codec(model.config).decode(model.tokens_to_latent(tokens)).numpy()
+    assert np.abs(ref).max() > 0.1
+    assert np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max()
+
+
+@pytest.fixture(scope="module")
+def guided(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    root = tmp_path_factory.mktemp("one_call")
+    model = _model(3, cfg_scale=3.0, temperature=1.0)
+    m = export_model(model, root / "export", precisions=("fp32", "int8"), steps=STEPS, progress=False,
+                     calib_images=8, quality_per_image=4)
+    return {"model": model, "manifest": m, "folder": root / "export", "root": root}
+
+
+def test_manifest_records_what_the_graph_bakes_in(guided: dict[str, Any]) -> None:
+    attrs = guided["manifest"].stages["detokenize"]["attrs"]
+    assert {k: attrs[k] for k in ("num_iter", "steps", "solver", "shift", "cfg_mode", "temperature", "guided")} == \
+        {"num_iter": 4, "steps": STEPS, "solver": "dpm++2m", "shift": 3.0, "cfg_mode": "official",
+         "temperature": 1.0, "guided": True}
+    assert attrs["tokens_per_iteration"] == tokens_per_iteration(64, 4) == [5, 14, 21, 24]
+    names = [t[0] for t in guided["manifest"].stages["detokenize"]["inputs"]]
+    assert names == ["ids", "orders", "noise", "cfg_scale"]
+    q = guided["manifest"].quality
+    assert q["fp32"]["one_call"]["psnr_vs_loop"] > 80 and q["fp32"]["one_call"]["token_agreement_with_stage_path"] == 1
+    assert "one_call" in q["int8"]
+
+
+def test_one_call_equals_the_loop_on_the_same_engine(guided: dict[str, Any]) -> None:
+    pipe = V2FlowPipeline.from_pretrained(guided["folder"], backend="ort")
+    ids = np.random.default_rng(5).integers(0, 4096, (3, 64))
+    kw = {"steps": STEPS, "seed": 11, "output": "float", "cfg": 2.0}
+    one, loop = pipe.detokenize(ids, one_call=True, **kw), pipe.detokenize(ids, one_call=False, **kw)
+    assert np.abs(loop).max() > 0.1
+    assert np.abs(one - loop).max() <= FP32_MAX_REL * np.abs(loop).max()
+    # explicit orders + noise through the graph = the seeded path
+    orders, noise = seeded_randomness(11, 3, 64, 192, 4)
+    np.testing.assert_array_equal(pipe.detokenize(ids, one_call=True, orders=orders, noise=noise, **kw), one)
+    images = np.random.default_rng(6).uniform(-1, 1, (5, 3, 64, 64)).astype(np.float32)
+    np.testing.assert_array_equal(pipe.tokenize(images, one_call=True), pipe.tokenize(images, one_call=False))
+
+
+def test_pipeline_prefers_one_call_when_the_settings_match(guided: dict[str, Any]) -> None:
+    pipe = V2FlowPipeline.from_pretrained(guided["folder"], backend="ort")
+    calls: list[str] = []
+    real = pipe.engine.run
+
+    def counting(stage: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        calls.append(stage)
+        return real(stage, feeds)
+
+    pipe.engine.run = counting  # type: ignore[method-assign]
+    ids = np.random.default_rng(1).integers(0, 4096, (2, 64))
+    pipe.detokenize(ids, steps=STEPS, seed=0)
+    assert calls == ["detokenize"]                       # one call for the whole batch
+    calls.clear()
+    pipe.detokenize(ids, steps=STEPS + 1, seed=0)        # other settings: the loop
+    assert "detokenize" not in calls and calls.count("mar_step") == 4
+    with pytest.raises(ArtifactError, match=r"baked settings differ .*'steps': \(4, 5\)"):
+        pipe.detokenize(ids, steps=STEPS + 1, one_call=True)
+    with pytest.raises(ArtifactError, match=r"'guided': \(True, False\)"):
+        pipe.detokenize(ids, steps=STEPS, cfg=1.0, one_call=True)
+
+
+def test_validate_checks_one_call_against_the_stage_path(guided: dict[str, Any]) -> None:
+    report = validate_folder(guided["folder"], seed=4)
+    rows = {(r["stage"], r["precision"], r["runner"]): r for r in report.rows}
+    assert rows[("detokenize", "fp32", "vs-loop")]["ok"] and rows[("tokenize", "fp32", "vs-stages")]["ok"]
+    assert ("detokenize", "int8", "vs-loop") in rows and ("detokenize", "fp32", "pytorch") not in rows
+    assert report.ok, report.to_text()
+
+
+def test_an_export_of_the_one_call_graphs_alone_serves_both_verbs(guided: dict[str, Any]) -> None:
+    folder = guided["root"] / "only"
+    export_model(guided["model"], folder, stages=["tokenize", "detokenize"], steps=STEPS, progress=False,
+                 quality=False)
+    pipe = V2FlowPipeline.from_pretrained(folder, backend="ort")
+    full = V2FlowPipeline.from_pretrained(guided["folder"], backend="ort")
+    images = np.random.default_rng(7).uniform(-1, 1, (2, 3, 64, 64)).astype(np.float32)
+    ids = pipe.tokenize(images)
+    np.testing.assert_array_equal(ids, full.tokenize(images, one_call=False))
+    assert pipe.detokenize(ids, steps=STEPS, seed=1).shape == (2, 64, 64, 3)
+    with pytest.raises(ArtifactError, match="baked settings differ"):
+        pipe.detokenize(ids, steps=STEPS + 2)            # no loop stages to fall back on: say why
+
+
+def test_cuda_graph_mode_needs_the_cuda_provider(guided: dict[str, Any], tmp_path: Path) -> None:
+    with pytest.raises(BackendUnavailable, match="CUDA graphs need the cuda provider"):
+        V2FlowPipeline.from_pretrained(guided["folder"], backend="ort", cuda_graph=True)
+
+
+def test_cuda_graph_replay_on_a_gpu(guided: dict[str, Any]) -> None:
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("onnxruntime-gpu with a CUDA device is not installable on the development/CI machines")
+    pipe = V2FlowPipeline.from_pretrained(guided["folder"], backend="ort-cuda", cuda_graph=True)
+    ids = np.random.default_rng(2).integers(0, 4096, (2, 64))
+    a = pipe.detokenize(ids, steps=STEPS, seed=0, output="float")
+    b = pipe.detokenize(ids, steps=STEPS, seed=0, output="float")     # the replay
+    ref = V2FlowPipeline.from_pretrained(guided["folder"], backend="ort").detokenize(ids, steps=STEPS, seed=0,
+                                                                                     output="float")
+    np.testing.assert_array_equal(a, b)
+    assert np.abs(a - ref).max() <= 1e-3 * np.abs(ref).max()
