@@ -41,7 +41,7 @@ def make_images(root: Path, n: int = 60, seed: int = 0) -> dict[str, bytes]:
         img = Image.fromarray(photo[y:y + h, x:x + w])
         mode = modes[i % len(modes)]
         if mode == "I;16":
-            img = Image.fromarray((np.asarray(img.convert("L")).astype(np.uint16) * 257))
+            img = Image.fromarray(np.asarray(img.convert("L")).astype(np.uint16) * 257)
         elif mode == "RGBA":
             rgba = np.dstack([np.asarray(img), rng.integers(0, 256, size=(h, w), dtype=np.uint8)])
             img = Image.fromarray(rgba, mode="RGBA")
@@ -68,6 +68,7 @@ def write_parquet(files: dict[str, bytes], path: Path, rows_per_group: int = 16)
 
     keys = sorted(files)
     table = pa.table({"key": keys, "image": [files[k] for k in keys], "caption": [f"c{i}" for i in range(len(keys))]})
+    path.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(table, path, row_group_size=rows_per_group)
 
 
@@ -107,3 +108,17 @@ def python_env(threads: int = 1) -> dict[str, str]:
 
 
 PYTHON = sys.executable
+
+
+def kill_session(sid: int) -> None:
+    """SIGKILL what is left of the session a test started (Ray's workers outlive a killed driver briefly)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == sid:                 # field 6 of /proc/PID/stat: the session id
+            try:
+                os.kill(int(stat.parent.name), 9)
+            except ProcessLookupError:
+                pass

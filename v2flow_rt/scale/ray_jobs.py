@@ -93,6 +93,12 @@ def _pipeline(export_dir: str, backend: str, precision: str, threads: int | None
                                           **kwargs)
 
 
+def _block_rows(rows: int, batch_size: int) -> int:
+    """Rows per input block: one batch, so results stream back (and shards complete) batch by batch, but
+    no more than ~10000 blocks, whose scheduling would then cost more than the work."""
+    return batch_size * max(1, -(-rows // (batch_size * 10000)))
+
+
 def _items_table(rows: Sequence[tuple[int, Item]]) -> Any:
     import pyarrow as pa
 
@@ -177,7 +183,7 @@ def tokenize_dataset(src: str | os.PathLike[str], model: str | os.PathLike[str],
             summary |= {"actors": concurrency, "cpus_per_actor": cpus, "batch_size": batch_size,
                         "cluster_cpus": float(ray.cluster_resources().get("CPU", 0.0))}
             rows = [(s.index, it) for s in pending for it in s.items]
-            step = max(batch_size * 4, 64)
+            step = _block_rows(len(rows), batch_size)
             ds = ray.data.from_arrow([_items_table(rows[i:i + step]) for i in range(0, len(rows), step)])
             ds = ds.map_batches(_read_batch, batch_size=batch_size, batch_format="pyarrow", num_cpus=0.25,
                                 fn_kwargs={"size": cfg.img_size, "image_column": image_column})
@@ -307,7 +313,7 @@ def detokenize_dataset(src: str | os.PathLike[str], model: str | os.PathLike[str
 
         with ray_session(ray_address, num_cpus) as ray:
             cpus = _cpus_per_actor(ray, concurrency, cpus_per_actor)
-            step = max(batch_size * 4, 16)
+            step = _block_rows(len(todo), batch_size)
             tables = [pa.table({"key": [k for k, _ in todo[j:j + step]], "ids": [i for _, i in todo[j:j + step]],
                                 "seed": [seed_for(k, seed) for k, _ in todo[j:j + step]]})
                       for j in range(0, len(todo), step)]
