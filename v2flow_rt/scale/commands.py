@@ -35,11 +35,23 @@ def _cmd_detokenize_dataset(a: argparse.Namespace) -> int:
 
 
 def _cmd_serve(a: argparse.Namespace) -> int:
-    from .launch import serve
+    import os
+    from pathlib import Path
 
-    return serve(a.model, host=a.host, http_port=a.http_port, grpc_port=a.grpc_port, metrics_port=a.metrics_port,
-                 precision=a.precision, threads=a.threads, max_batch=a.max_batch, queue_delay_us=a.queue_delay_us,
-                 instances=a.instances)
+    from .serve import run_server
+
+    def ready(info: dict[str, object]) -> None:
+        if a.ready_file:                  # holds the access token: created readable by its owner only
+            path = Path(a.ready_file)
+            tmp = path.with_name(f".{path.name}.tmp")
+            with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
+                json.dump(info, f)
+            os.replace(tmp, path)         # whole or absent: a reader polling for it never sees half
+
+    return run_server(a.model, host=a.host, http_port=a.http_port, grpc_port=a.grpc_port,
+                      metrics_port=a.metrics_port, precision=a.precision, threads=a.threads, max_batch=a.max_batch,
+                      queue_delay_us=a.queue_delay_us, instances=a.instances,
+                      access_token=os.environ.get("V2FLOW_SERVE_TOKEN"), exit_timeout_s=a.exit_timeout, ready=ready)
 
 
 def _cmd_triton_repo(a: argparse.Namespace) -> int:
@@ -99,6 +111,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-batch", type=int, default=16, help="largest batch Triton's dynamic batcher forms")
     p.add_argument("--queue-delay-us", type=int, default=2000, help="how long the batcher waits to fill a batch")
     p.add_argument("--instances", type=int, default=1, help="model instances (threads) per model")
+    p.add_argument("--exit-timeout", type=int, default=5, help="seconds in-flight requests get on shutdown")
+    p.add_argument("--ready-file", help="write the endpoints and the statistics access token here (JSON) once "
+                                        "every model is loaded (token: $V2FLOW_SERVE_TOKEN, else a random one)")
     p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser("triton-repo", help="write a Triton model repository of an export's graphs")
