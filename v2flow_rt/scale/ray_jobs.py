@@ -22,6 +22,7 @@ import hashlib
 import json
 import os
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -137,7 +138,7 @@ def tokenize_dataset(src: str | os.PathLike[str], model: str | os.PathLike[str],
                      backend: str = "ort", precision: str = "fp32", threads: int | None = 1, batch_size: int = 16,
                      concurrency: int = 1, cpus_per_actor: float | None = None, num_gpus: float = 0.0,
                      shard_size: int = 1024, ray_address: str | None = None, num_cpus: float | None = None,
-                     overwrite: bool = False, progress: bool = True,
+                     overwrite: bool = False, attempts: int = 3, progress: bool = True,
                      on_progress: Progress | None = None) -> dict[str, Any]:
     """Tokenize every image of ``src`` into Parquet shards in ``out`` (layout: ``scale.store``).
 
@@ -152,6 +153,7 @@ def tokenize_dataset(src: str | os.PathLike[str], model: str | os.PathLike[str],
         num_gpus: GPUs per actor (GPU backends: ``ort-cuda``, ``ort-tensorrt``, ``trt``).
         shard_size: images per output shard; ray_address: a running cluster (None: start a local one with
             ``num_cpus``); overwrite: replace what another job left in ``out``.
+        attempts: Ray executions before giving up; each redoes only the shards not yet written.
         on_progress: called with (images done, images to do) after each batch reaches the driver.
     Returns:
         the run summary (also written to ``out/_summary.json``).
@@ -181,18 +183,34 @@ def tokenize_dataset(src: str | os.PathLike[str], model: str | os.PathLike[str],
         with ray_session(ray_address, num_cpus) as ray:
             cpus = _cpus_per_actor(ray, concurrency, cpus_per_actor)
             summary |= {"actors": concurrency, "cpus_per_actor": cpus, "batch_size": batch_size,
-                        "cluster_cpus": float(ray.cluster_resources().get("CPU", 0.0))}
-            rows = [(s.index, it) for s in pending for it in s.items]
-            step = _block_rows(len(rows), batch_size)
-            ds = ray.data.from_arrow([_items_table(rows[i:i + step]) for i in range(0, len(rows), step)])
-            ds = ds.map_batches(_read_batch, batch_size=batch_size, batch_format="pyarrow", num_cpus=0.25,
-                                fn_kwargs={"size": cfg.img_size, "image_column": image_column})
-            ds = ds.map_batches(_Tokenizer, batch_size=batch_size, batch_format="numpy", num_cpus=cpus,
-                                num_gpus=num_gpus or None, compute=ray.data.ActorPoolStrategy(size=concurrency),
-                                fn_constructor_args=(str(Path(model).resolve()), backend, precision, threads))
+                        "cluster_cpus": float(ray.cluster_resources().get("CPU", 0.0)), "attempts": 0}
             t_ray = time.perf_counter()
-            _collect(ds, pending, dest, cfg.codebook_size, fingerprint, cfg.num_tokens, summary, progress,
-                     on_progress)
+            while pending:
+                summary["attempts"] += 1
+                try:
+                    rows = [(s.index, it) for s in pending for it in s.items]
+                    step = _block_rows(len(rows), batch_size)
+                    ds = ray.data.from_arrow([_items_table(rows[i:i + step]) for i in range(0, len(rows), step)])
+                    ds = ds.map_batches(_read_batch, batch_size=batch_size, batch_format="pyarrow", num_cpus=0.25,
+                                        fn_kwargs={"size": cfg.img_size, "image_column": image_column})
+                    ds = ds.map_batches(_Tokenizer, batch_size=batch_size, batch_format="numpy", num_cpus=cpus,
+                                        num_gpus=num_gpus or None,
+                                        compute=ray.data.ActorPoolStrategy(size=concurrency),
+                                        fn_constructor_args=(str(Path(model).resolve()), backend, precision, threads))
+                    _collect(ds, pending, dest, cfg.codebook_size, fingerprint, cfg.num_tokens, summary, progress,
+                             on_progress)
+                except (ray.exceptions.RayError, DatasetError) as exc:
+                    # The shards written so far are whole; only the rest is redone (an actor killed without
+                    # restart can fail Ray Data's whole execution, e.g. ActorDiedError fetching its block).
+                    pending = [s for s in pending if not (dest / f"{s.name}.parquet").is_file()]
+                    if summary["attempts"] >= attempts:
+                        raise DatasetError(f"tokenize-dataset gave up after {attempts} attempt(s), "
+                                           f"{len(pending)} shard(s) left in {dest} (run it again to resume): "
+                                           f"{type(exc).__name__}: {str(exc)[:2000]}") from exc
+                    warnings.warn(f"tokenize-dataset attempt {summary['attempts']} failed "
+                                  f"({type(exc).__name__}); redoing the {len(pending)} shard(s) left", stacklevel=2)
+                else:
+                    pending = []
             summary["ray_seconds"] = round(time.perf_counter() - t_ray, 3)
     summary["seconds"] = round(time.perf_counter() - t0, 3)
     _atomic_write_text(dest / SUMMARY_NAME, json.dumps(summary, indent=1) + "\n")
