@@ -150,7 +150,7 @@ def test_bad_requests_get_errors_and_the_server_answers_afterwards(server, image
     cases = [
         (http, "detokenize", [_ids_input(httpclient, good.astype(np.float32), "FP32")], "FP32"),
         (grpc, "detokenize", [_ids_input(grpcclient, good[:, :-1])], "ids"),
-        (http, "detokenize", [_ids_input(httpclient, bad_range)], "must be in \\[0, 4096\\)"),
+        (http, "detokenize", [_ids_input(httpclient, bad_range)], "request 0: 'ids' must be in \\[0, 4096\\)"),
         (grpc, "tokenize", [_bytes_input(grpcclient, [b"not an image"])], "request 0 item 0 'image'"),
         (http, "tokenize", [_ids_input(httpclient, good)], "unexpected inference input 'ids'"),
     ]
