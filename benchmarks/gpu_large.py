@@ -73,7 +73,8 @@ def main() -> int:
             key = f"{mode}-{precision}"
             print(f"== {key}", flush=True)
             try:
-                engine = TorchEngine(model, mode=mode, device="cuda", precision=precision, max_batch=max(4, a.batch))
+                engine = TorchEngine(model, mode=mode, device="cuda", precision=precision, max_batch=max(4, a.batch),
+                                     with_codec=False)
                 stages = EngineStages(engine, cfg, model.fake_latent.detach().float().cpu().numpy())
                 buffer = engine.run("token_embed", {"ids": ids})["buffer"]
                 feeds = engine.spec("mar_step").sample_inputs(rng, batch=a.batch, keep=cfg.num_tokens * 3 // 2)

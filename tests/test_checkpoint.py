@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import official_small_config
+from official import official_key_shapes, random_official_state
 
-from v2flow_rt.config import V2FlowConfig
 from v2flow_rt.errors import CheckpointError
 from v2flow_rt.reference.checkpoint import (
     export_official,
@@ -20,71 +20,6 @@ from v2flow_rt.reference.checkpoint import (
     save_pretrained,
 )
 from v2flow_rt.reference.model import V2Flow
-
-
-def official_key_shapes(cfg: V2FlowConfig) -> dict[str, tuple[int, ...]]:
-    """The official state-dict layout written out from the spec's key list (§6.2), not from our model."""
-    h, c, v, d = cfg.resampler_hidden, cfg.latent_channels, cfg.llm_vocab_size, cfg.llm_dim
-    e, dd, w, k = cfg.encoder_dim, cfg.decoder_dim, cfg.flow_width, cfg.codebook_size
-    n = cfg.num_tokens
-    keys: dict[str, tuple[int, ...]] = {}
-    for stage, cin0 in (("s1", c), ("s2", h)):
-        for i in range(1, cfg.resampler_depth + 1):
-            cin = cin0 if i == 1 else h
-            p = f"downsampler.{stage}.b{i}."
-            rd = round(cin * 0.25)
-            keys |= {p + "conv1.conv.weight": (h, cin, 1, 1), p + "conv2.conv.weight": (h, 1, 3, 3),
-                     p + "conv3.conv.weight": (h, h, 1, 1), p + "se.fc1.weight": (rd, h, 1, 1),
-                     p + "se.fc1.bias": (rd,), p + "se.fc2.weight": (h, rd, 1, 1), p + "se.fc2.bias": (h,)}
-            for conv in ("conv1", "conv2", "conv3"):
-                keys |= {p + f"{conv}.bn.weight": (h,), p + f"{conv}.bn.bias": (h,)}
-            if cin != h:
-                keys |= {p + "downsample.conv.weight": (h, cin, 1, 1), p + "downsample.bn.weight": (h,),
-                         p + "downsample.bn.bias": (h,)}
-    keys |= {"downsampler.readout.0.weight": (v, h), "downsampler.readout.0.bias": (v,)}
-    for j in range(1, cfg.readout_depth):
-        keys |= {f"downsampler.readout.{2 * j}.weight": (v, v), f"downsampler.readout.{2 * j}.bias": (v,)}
-    keys |= {"llm_embed_tokens": (v, d), "quantizer._codebook.embed": (1, k, d),
-             "quantizer._codebook.embed_avg": (1, k, d), "quantizer._codebook.cluster_size": (1, k),
-             "quantizer._codebook.initted": (1,), "projector.0.weight": (e, d), "projector.0.bias": (e,),
-             "class_emb.weight": (k, d), "fake_latent": (1, e),
-             "z_proj.weight": (e, c), "z_proj.bias": (e,), "z_proj_ln.weight": (e,), "z_proj_ln.bias": (e,),
-             "encoder_pos_embed_learned": (1, 2 * n, e), "encoder_norm.weight": (e,), "encoder_norm.bias": (e,),
-             "decoder_embed.weight": (dd, e), "decoder_embed.bias": (dd,), "mask_token": (1, 1, dd),
-             "decoder_pos_embed_learned": (1, 2 * n, dd), "decoder_norm.weight": (dd,),
-             "decoder_norm.bias": (dd,), "diffusion_pos_embed_learned": (1, n, dd)}
-    for prefix, depth, dim in (("encoder_blocks", cfg.encoder_depth, e), ("decoder_blocks", cfg.decoder_depth, dd)):
-        for i in range(depth):
-            p = f"{prefix}.{i}."
-            keys |= {p + "norm1.weight": (dim,), p + "norm1.bias": (dim,), p + "norm2.weight": (dim,),
-                     p + "norm2.bias": (dim,), p + "attn.qkv.weight": (3 * dim, dim), p + "attn.qkv.bias": (3 * dim,),
-                     p + "attn.proj.weight": (dim, dim), p + "attn.proj.bias": (dim,),
-                     p + "mlp.fc1.weight": (4 * dim, dim), p + "mlp.fc1.bias": (4 * dim,),
-                     p + "mlp.fc2.weight": (dim, 4 * dim), p + "mlp.fc2.bias": (dim,)}
-    f = "flowloss.net."
-    keys |= {f + "time_embed.mlp.0.weight": (w, 256), f + "time_embed.mlp.0.bias": (w,),
-             f + "time_embed.mlp.2.weight": (w, w), f + "time_embed.mlp.2.bias": (w,),
-             f + "cond_embed.weight": (w, dd), f + "cond_embed.bias": (w,),
-             f + "input_proj.weight": (w, c), f + "input_proj.bias": (w,),
-             f + "final_layer.linear.weight": (c, w), f + "final_layer.linear.bias": (c,),
-             f + "final_layer.adaLN_modulation.1.weight": (2 * w, w),
-             f + "final_layer.adaLN_modulation.1.bias": (2 * w,)}
-    for i in range(cfg.flow_depth):
-        p = f + f"res_blocks.{i}."
-        keys |= {p + "in_ln.weight": (w,), p + "in_ln.bias": (w,), p + "mlp.0.weight": (w, w), p + "mlp.0.bias": (w,),
-                 p + "mlp.2.weight": (w, w), p + "mlp.2.bias": (w,),
-                 p + "adaLN_modulation.1.weight": (3 * w, w), p + "adaLN_modulation.1.bias": (3 * w,)}
-    return keys
-
-
-def random_official_state(cfg: V2FlowConfig, seed: int) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    state = {k: torch.randn(s, generator=g) * 0.05 for k, s in official_key_shapes(cfg).items()}
-    code = torch.nn.functional.normalize(torch.randn(official_key_shapes(cfg)["quantizer._codebook.embed"],
-                                                     generator=g), dim=-1)
-    state["quantizer._codebook.embed"] = code
-    state["quantizer._codebook.initted"] = torch.ones(1)
-    return state
 
 
 @pytest.fixture(scope="module")

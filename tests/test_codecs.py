@@ -44,7 +44,11 @@ def test_dcae_codec_with_a_tiny_random_autoencoder(tmp_path) -> None:
         encoder_qkv_multiscales=((), (), (5,)), decoder_qkv_multiscales=((), (), (5,)),
     ).eval()
     vae.save_pretrained(tmp_path / "dcae")
-    codec = build_codec(get_preset("base-256"), dcae_path=tmp_path / "dcae")
+    # This tiny autoencoder downsamples 4×: a 32² image gives the 8×8 grid of base-256.
+    with pytest.raises(CheckpointError, match=r"latent_channels 32 at stride 4, but model 'base-256' expects "
+                                              r"latent_channels 32 at codec_stride 32"):
+        build_codec(get_preset("base-256"), dcae_path=tmp_path / "dcae")
+    codec = build_codec(get_preset("base-256", img_size=32, codec_stride=4), dcae_path=tmp_path / "dcae")
     assert isinstance(codec, DCAECodec)
     images = torch.rand(1, 3, 32, 32) * 2 - 1
     with torch.no_grad():

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .errors import V2FlowError
+from .errors import ConfigError, V2FlowError
 
 BASE_LM = Path(__file__).resolve().parent / "assets" / "base_lm"
 
@@ -153,13 +153,42 @@ def _cmd_export(a: argparse.Namespace) -> int:
 
     precisions = [p.strip() for p in a.precision.split(",") if p.strip()]
     manifest = export_model(a.model, a.out, precisions=precisions, opset=a.opset, max_batch=a.max_batch,
-                            progress=not a.quiet)
+                            progress=not a.quiet, steps=a.steps, solver=a.solver, dcae_path=a.codec)
     print(f"exported {len(manifest.stages)} stage(s) x {', '.join(manifest.precisions)} to {a.out}")
     for precision, q in manifest.quality.items():
         print(f"  {precision:9s} PSNR {q['psnr']:.2f} dB ({q['psnr_delta_vs_fp32']:+.3f} vs fp32), "
               f"token agreement with fp32 {q['token_agreement']:.4f}")
     for note in manifest.notes:
         print(f"  note: {note}")
+    return 0
+
+
+def _cmd_import_official(a: argparse.Namespace) -> int:
+    from .reference.checkpoint import import_official_folder
+
+    if a.copy_codec and not a.codec:
+        raise ConfigError("--copy-codec needs --codec DCAE_DIR")
+    report = import_official_folder(a.checkpoint, a.out, use_ema=a.ema, codec=a.codec, copy_codec=a.copy_codec,
+                                    progress=not a.quiet)
+    print(f"imported {report['entry']!r} of {a.checkpoint} (epoch {report['epoch']}): {report['config']}, "
+          f"{report['parameters'] / 1e6:.1f} M parameters, into {report['folder']}")
+    for key, why in report["dropped"].items():
+        print(f"  dropped {key}: {why}")
+    if report["codec"]:
+        print(f"  codec: {report['codec']}")
+    else:
+        print("  codec: none recorded (pass --codec DCAE_DIR to tokenize or decode images with this model)")
+    return 0
+
+
+def _cmd_init(a: argparse.Namespace) -> int:
+    from .reference.checkpoint import init_model_folder
+
+    if a.copy_codec and not a.codec:
+        raise ConfigError("--copy-codec needs --codec DCAE_DIR")
+    folder = init_model_folder(a.preset, a.out, seed=a.seed, codec=a.codec, copy_codec=a.copy_codec,
+                               randomize=a.randomize_zero_layers)
+    print(f"wrote a randomly initialised {a.preset} model (seed {a.seed}) to {folder}")
     return 0
 
 
@@ -281,8 +310,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default="fp32", help="comma-separated: fp32,fp16,int8,int8-qdq")
     p.add_argument("--opset", type=int, default=18)
     p.add_argument("--max-batch", type=int, default=16)
+    p.add_argument("--steps", type=int, default=None, help="ODE steps baked into the fused ODE graphs "
+                   "(default: the model's)")
+    p.add_argument("--solver", choices=["euler", "heun", "dpm++2m"], default=None,
+                   help="solver of the fused ODE graphs (default: the model's)")
+    p.add_argument("--codec", metavar="DCAE_DIR", help="DC-AE codec folder for a model that records none")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("import-official", help="an official V2Flow checkpoint-last.pth → a model folder")
+    p.add_argument("checkpoint", help="the official training code's checkpoint-last.pth")
+    p.add_argument("--out", required=True, help="model folder to write (config.json, model.safetensors)")
+    p.add_argument("--ema", action="store_true", help="import model_ema instead of the raw weights (model)")
+    p.add_argument("--codec", metavar="DCAE_DIR", help="local diffusers AutoencoderDC folder (config.json + "
+                   "safetensors), e.g. dc-ae-f32c32-sana-1.1-diffusers; referenced by its path")
+    p.add_argument("--copy-codec", action="store_true", help="copy the codec folder into the model as codec/")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_import_official)
+
+    p = sub.add_parser("init", help="a randomly initialised model folder of a preset (official sizes included)")
+    p.add_argument("--preset", required=True, help="tiny or base|large|huge-256|512|1024")
+    p.add_argument("--out", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--codec", metavar="DCAE_DIR",
+                   help="DC-AE codec folder (default for DC-AE presets: a tiny random one, copied in as codec/)")
+    p.add_argument("--copy-codec", action="store_true", help="copy --codec into the model as codec/")
+    p.add_argument("--randomize-zero-layers", action="store_true",
+                   help="also fill the zero-initialised layers (adaLN, velocity output) so no stage outputs zeros")
+    p.set_defaults(func=_cmd_init)
 
     p = sub.add_parser("validate", help="re-run the parity checks of an export folder")
     p.add_argument("folder")

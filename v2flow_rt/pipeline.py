@@ -22,7 +22,7 @@ from .config import V2FlowConfig
 from .data import as_rgb, from_model_range, load_image, resize_center_crop
 from .engines.base import Engine
 from .errors import ArtifactError, BackendUnavailable, ImageError, ShapeError
-from .sampling import SamplerSettings, host_ode, sample_tokens
+from .sampling import SamplerSettings, check_noise, check_orders, host_ode, sample_tokens
 from .stages import keep_indices
 
 BACKENDS = ("ort", "ort-cuda", "ort-tensorrt", "trt", "torch", "torch-compile", "torch-cudagraph")
@@ -72,7 +72,11 @@ class V2FlowPipeline:
         self.stages = EngineStages(engine, config, fake_latent)
         for stage in ("codec_encode", "tokenizer", "token_embed", "mar_step", "codec_decode"):
             if not engine.has(stage):
-                raise ArtifactError(f"{engine.describe()} lacks stage {stage!r} (has {engine.stage_names})")
+                hint = ""
+                if stage.startswith("codec") and config.codec == "dcae":
+                    hint = ("; the model's DC-AE codec was not available when this was built: record one with "
+                            "`v2flow-rt import-official ... --codec DIR` (or export with --codec DIR)")
+                raise ArtifactError(f"{engine.describe()} lacks stage {stage!r} (has {engine.stage_names}){hint}")
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -168,8 +172,15 @@ class V2FlowPipeline:
 
     def detokenize(self, ids: np.ndarray, steps: int | None = None, solver: str | None = None,
                    cfg: float | None = None, seed: int | None = 0, temperature: float | None = None,
-                   num_iter: int | None = None, cfg_mode: str | None = None, output: str = "uint8") -> np.ndarray:
-        """ids [B, N] → images uint8 [B, S, S, 3] (or float [B, 3, S, S] in [-1, 1] with output='float')."""
+                   num_iter: int | None = None, cfg_mode: str | None = None, output: str = "uint8",
+                   orders: np.ndarray | None = None, noise: np.ndarray | None = None) -> np.ndarray:
+        """ids [B, N] → images uint8 [B, S, S, 3] (or float [B, 3, S, S] in [-1, 1] with output='float').
+
+        Randomness: ``seed`` (each chunk of ``max_batch`` images starting at image i is seeded ``seed + i``),
+        or explicit ``orders`` int64 [B, N] (a permutation per row) and ``noise`` float32 [B, N, C] (each
+        token's standard-normal initial noise), as ``sampling.sample_tokens`` takes them; either one
+        replaces what the seed would draw. ``sampling.seeded_randomness`` gives what a seed stands for.
+        """
         ids = np.asarray(ids)
         n, k = self.config.num_tokens, self.config.codebook_size
         if ids.ndim == 1:
@@ -180,12 +191,18 @@ class V2FlowPipeline:
             raise ShapeError(f"ids must be in [0, {k}), got range [{ids.min()}, {ids.max()}]")
         settings = SamplerSettings.from_config(self.config, steps=steps, solver=solver, cfg_scale=cfg,
                                                temperature=temperature, num_iter=num_iter, cfg_mode=cfg_mode)
+        if orders is not None:
+            check_orders(orders, len(ids), n)
+        if noise is not None:
+            check_noise(noise, len(ids), n, self.config.token_dim)
         ode = self.stages.ode_for(settings)
         images = []
         for part in self._chunks(len(ids)):
             buffer = self.engine.run("token_embed", {"ids": ids[part].astype(np.int64)})["buffer"]
             chunk_seed = None if seed is None else seed + part.start
-            tokens = sample_tokens(self.stages, buffer, settings, chunk_seed, token_dim=self.config.token_dim, ode=ode)
+            tokens = sample_tokens(self.stages, buffer, settings, chunk_seed, token_dim=self.config.token_dim, ode=ode,
+                                   orders=None if orders is None else orders[part],
+                                   noise=None if noise is None else noise[part])
             g = self.config.grid_size
             latent = np.ascontiguousarray(tokens.transpose(0, 2, 1).reshape(len(tokens), -1, g, g))
             images.append(self.engine.run("codec_decode", {"latent": latent})["images"])

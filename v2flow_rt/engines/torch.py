@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from ..errors import BackendUnavailable
+from ..reference.codecs import build_codec
 from ..reference.model import V2Flow
 from ..reference.stage_modules import stage_module
 from ..stages import stage_specs
@@ -29,7 +30,11 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 class TorchEngine(Engine):
     def __init__(self, model: V2Flow, mode: str = "eager", device: str | None = None, precision: str = "fp32",
-                 threads: int | None = None, max_batch: int = 16, **spec_options: Any) -> None:
+                 threads: int | None = None, max_batch: int = 16, with_codec: bool = True,
+                 **spec_options: Any) -> None:
+        """``with_codec``: build the codec stages (the patch codec, or the DC-AE folder the model records;
+        a DC-AE model without one raises BackendUnavailable or CheckpointError naming what is missing);
+        False leaves them out, for stage-level benchmarks."""
         if mode not in MODES:
             raise BackendUnavailable(f"unknown torch mode {mode!r}; choose one of {MODES}")
         if precision not in DTYPES:
@@ -48,12 +53,14 @@ class TorchEngine(Engine):
         self.backend = "torch" if mode == "eager" else f"torch-{mode}"
         self.dtype = DTYPES[precision]
         self.specs = stage_specs(model.config, max_batch=max_batch, **spec_options)
-        self.specs = {k: v for k, v in self.specs.items() if not k.startswith("codec") or model.config.codec == "patch"}
+        self.codec = build_codec(model.config).to(device).eval() if with_codec else None
+        if self.codec is None:
+            self.specs = {k: v for k, v in self.specs.items() if not k.startswith("codec")}
         self._modules: dict[str, Any] = {}
 
     def module(self, stage: str) -> Any:
         if stage not in self._modules:
-            mod = stage_module(stage, self.model, self.spec(stage)).to(self.device).eval()
+            mod = stage_module(stage, self.model, self.spec(stage), self.codec).to(self.device).eval()
             if self.dtype != torch.float32 and stage not in ("codec_encode", "codec_decode", "tokenizer"):
                 mod = mod.to(self.dtype)
             if self.mode == "compile":

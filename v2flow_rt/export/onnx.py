@@ -97,14 +97,20 @@ def dynamic_shapes(spec: StageSpec) -> tuple[dict[int, Any] | None, ...]:
 
 
 def export_graph(module: torch.nn.Module, spec: StageSpec, path: Path, opset: int,
-                 rng: np.random.Generator) -> list[Path]:
-    """Export one stage module to ``path`` (checked by path, shapes inferred); return the files written."""
+                 rng: np.random.Generator, optimize: bool = True) -> list[Path]:
+    """Export one stage module to ``path`` (checked by path, shapes inferred); return the files written.
+
+    ``optimize``: run the exporter's onnxscript optimizer. Third-party modules are exported without it
+    (``CODEC_STAGES``): its add-zero rewrite matches constants within 1e-8 of zero, so DC-AE's linear
+    attention ``num / (den + 1e-15)`` loses its epsilon and gives 0/0 = NaN where ReLU zeroes a whole
+    key set (measured with onnxscript 0.7.2). ONNX Runtime and TensorRT optimise the graph at load anyway.
+    """
     args = export_inputs(spec, rng)
     try:
         with torch.no_grad(), _quiet():
             program = torch.onnx.export(module, args, dynamo=True, opset_version=opset,
                                         dynamic_shapes=dynamic_shapes(spec), input_names=spec.input_names,
-                                        output_names=spec.output_names, verbose=False)
+                                        output_names=spec.output_names, verbose=False, optimize=optimize)
     except V2FlowError:
         raise
     except Exception as exc:
@@ -281,7 +287,7 @@ def export_model(model: V2Flow | str | os.PathLike[str], out_dir: str | os.PathL
             manifest.files["fp32"] = {}
             for name in _progress(list(specs), progress, "export fp32"):
                 rel = f"{name}.fp32.onnx"
-                export_graph(modules[name], specs[name], tmp / rel, opset, rng)
+                export_graph(modules[name], specs[name], tmp / rel, opset, rng, optimize=name not in CODEC_STAGES)
                 manifest.files["fp32"][name] = rel
             clock.lap("export fp32")
             # 2. fp32 parity, on random inputs and on held-out photo crops through the stages

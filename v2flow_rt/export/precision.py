@@ -17,9 +17,14 @@ Precisions (the graph carries its precision; TensorRT 11 builds what it is given
 
 Graphs with no MatMul/Gemm/Conv (the patch codec: reshapes only) gain nothing from either and are
 copied as fp32. For the tokenizer, whose output is an argmax, more and more of the graph is kept fp32
-(the matmul feeding the argmax, the vocabulary mix before it, every dense layer, every conv) until the
-ids agree exactly with fp32 on the calibration crops; if no rung does, the tokenizer stays fp32 (it runs
-once per image, so this costs little next to the sampling loop). Each rung's agreement is recorded.
+(the matmul feeding the argmax, the vocabulary mix before it, every dense layer, every conv) until
+``ID_AGREEMENT_MIN`` (99 %) of the ids agree with fp32 on the calibration crops; if no rung does, the
+tokenizer stays fp32. Each rung's agreement is recorded.
+
+Graphs that keep their weights in external data (over ~1.8 GB: the official tokenizer, whose readout is
+4.1 GB) are never loaded whole (``export.large``): int8 writes per-channel int8 weights streaming from the
+fp32 data; fp16 and int8-qdq, whose converters hold the whole graph several times over, keep such a graph
+fp32 (recorded).
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ import onnxruntime as ort
 
 from ..errors import ExportError
 from ..stages import StageSpec
+from .large import copy_large, quantize_matmuls
 
 EXTERNAL_DATA_BYTES = int(1.8e9)     # protobuf's hard limit is 2 GiB; leave room for the graph itself
 # fp16 has 11 significant bits and overflows at 65504. A tensor above 1e4 is within 6.5x of overflow
@@ -55,6 +61,9 @@ FP16_BLOCK_OPS = ("LayerNormalization", "Softmax", "LogSoftmax", "ReduceMean", "
                   "Log", "Sin", "Cos")
 COMPUTE_OPS = frozenset({"MatMul", "Gemm", "Conv", "ConvTranspose", "Einsum"})
 QUANT_OPS_DYNAMIC = ["MatMul", "Gemm"]
+# A reduced-precision tokenizer must give the fp32 ids for at least this fraction of the calibration tokens
+# (the cheapest exclusion rung that does is kept): a flipped id is a different visual word for the LLM.
+ID_AGREEMENT_MIN = 0.99
 QUANT_OPS_STATIC = ["MatMul", "Gemm", "Conv"]
 
 Feeds = dict[str, np.ndarray]
@@ -111,9 +120,17 @@ def has_compute(model: onnx.ModelProto) -> bool:
 
 
 def copy_graph(src: Path, dst: Path) -> list[Path]:
-    """Copy a graph (and its external data, renamed) to ``dst``."""
+    """Copy a graph (and its external data, renamed) to ``dst``; a graph with external data is copied
+    file to file, never loaded whole."""
+    if len(graph_files(src)) > 1:
+        return copy_large(src, dst)
     model = load_model(src)
     return save_model(model, dst)
+
+
+def is_large(path: Path) -> bool:
+    """Whether a graph keeps its weights in external data (over ``EXTERNAL_DATA_BYTES``)."""
+    return len(graph_files(path)) > 1
 
 
 def _name_nodes(model: onnx.ModelProto) -> None:
@@ -379,10 +396,16 @@ def convert_stage(precision: str, spec: StageSpec, src: Path, dst: Path, feeds: 
     the manifest: the method, what stayed fp32 and why, and for integer outputs the measured id agreement
     with fp32 of each exclusion tried.
     """
-    model = load_model(src)
+    model = onnx.load(str(src), load_external_data=False)     # the structure; weights are read where needed
     if not has_compute(model):
         copy_graph(src, dst)
         return {"method": "copied from fp32: the graph has no MatMul/Gemm/Conv to convert"}
+    large = is_large(src)
+    if large and precision != "int8":
+        copy_graph(src, dst)
+        return {"method": f"kept fp32: {precision} conversion loads the whole graph, and this one keeps "
+                          f"{sum(f.stat().st_size for f in graph_files(src)) / 1e9:.1f} GB in external data; "
+                          f"int8 (streamed per-channel weights) is the reduced precision for it"}
     _name_nodes(model)
     work = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{spec.name}.{precision}."))
     ranges: dict[str, float] | None = None
@@ -394,6 +417,8 @@ def convert_stage(precision: str, spec: StageSpec, src: Path, dst: Path, feeds: 
                 ranges = activation_ranges(model, feeds, work) if feeds else {}
             return convert_fp16(src, dst, feeds, block_nodes=exclude, ranges=ranges)
         if precision == "int8":
+            if large:
+                return quantize_matmuls(src, dst, exclude)
             return quantize_int8(src, dst, "dynamic", feeds, exclude)
         if precision == "int8-qdq":
             return quantize_int8(src, dst, "qdq", feeds, exclude, calibration_cache=work / "ranges.json")
@@ -423,12 +448,13 @@ def _convert_measured(spec: StageSpec, model: onnx.ModelProto, src: Path, dst: P
         tried.append({"fp32_nodes": exclude, "id_agreement": agree})
         if agree > best_agree:
             best_agree, best_exclude = agree, exclude
-        if agree == 1.0:
+        if agree >= ID_AGREEMENT_MIN:
+            best_agree, best_exclude = agree, exclude
             break
-    if best_agree < 1.0:   # no partial conversion keeps the ids: the stage stays fp32 (one call per image)
+    if best_agree < ID_AGREEMENT_MIN:   # no partial conversion keeps the ids: the stage stays fp32
         copy_graph(src, dst)
-        notes = {"method": f"kept fp32: no partial conversion gave the fp32 ids on the calibration crops "
-                           f"(best {best_agree:.4f})"}
+        notes = {"method": f"kept fp32: no partial conversion kept {ID_AGREEMENT_MIN:.0%} of the fp32 ids on "
+                           f"the calibration crops (best {best_agree:.4f})"}
         best_agree = float((_ids(dst, feeds) == ref).mean())
     elif tried[-1]["fp32_nodes"] != best_exclude:   # a later rung was worse: write the best one again
         notes = build(best_exclude)

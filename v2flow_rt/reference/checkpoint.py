@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -18,12 +19,11 @@ from safetensors.torch import load_file, save_file
 
 from ..config import DCAE_SCALE, V2FlowConfig
 from ..errors import CheckpointError, ConfigError
+from .codecs import DCAE_FOLDER, DCAE_KEY, check_dcae_folder, resolve_codec_path
 from .model import V2Flow
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
-# Official keys this package does not build (the unused class embedding: 67 M parameters).
-IGNORED_OFFICIAL_KEYS = ("class_emb.weight",)
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 
 
@@ -57,8 +57,12 @@ def save_pretrained(model: V2Flow, folder: str | Path, state_dict: dict[str, tor
 
 
 def load_state_into(model: V2Flow, state: dict[str, torch.Tensor], source: str,
-                    allow_unexpected: bool = False) -> None:
-    """Copy a state dict into ``model``, raising CheckpointError that names missing/extra/mismatched keys."""
+                    allow_unexpected: bool = False, assign: bool = False) -> None:
+    """Copy a state dict into ``model``, raising CheckpointError that names missing/extra/mismatched keys.
+
+    ``assign``: take the tensors themselves (float32) instead of copying them, for a model built on the
+    meta device: no second copy of the weights is ever held (an official checkpoint's readout alone is 4 GB).
+    """
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
@@ -71,7 +75,11 @@ def load_state_into(model: V2Flow, state: dict[str, torch.Tensor], source: str,
         if tuple(state[key].shape) != tuple(value.shape):
             raise CheckpointError(f"{source}: key {key!r} has shape {list(state[key].shape)}, the model "
                                   f"(config {model.config.name!r}) expects {list(value.shape)}")
-    model.load_state_dict({k: state[k] for k in own}, strict=True)
+    if assign:
+        model.load_state_dict({k: state[k].float() if state[k].is_floating_point() else state[k] for k in own},
+                              strict=True, assign=True)
+    else:
+        model.load_state_dict({k: state[k] for k in own}, strict=True)
 
 
 def from_pretrained(path: str | Path, map_location: str | torch.device = "cpu") -> V2Flow:
@@ -90,9 +98,52 @@ def from_pretrained(path: str | Path, map_location: str | torch.device = "cpu") 
         state = load_file(str(folder / WEIGHTS_NAME), device=str(map_location))
     except Exception as exc:  # safetensors raises its own error types for truncated/corrupt headers
         raise CheckpointError(f"{folder / WEIGHTS_NAME} is not a readable safetensors file: {exc}") from None
-    model = V2Flow(config, llm_embed=state.get("llm_embed_tokens"))
-    load_state_into(model, state, str(folder / WEIGHTS_NAME))
+    resolve_codec_path(config, folder)
+    with torch.device("meta"):   # no random init of weights that are overwritten at once
+        model = V2Flow(config)
+    load_state_into(model, state, str(folder / WEIGHTS_NAME), assign=True)
     return model.eval()
+
+
+def attach_codec(folder: str | Path, dcae_dir: str | Path, copy: bool = False) -> Path:
+    """Record a local diffusers AutoencoderDC folder as the DC-AE codec of model ``folder``.
+
+    The codec is checked against the model (latent channels, stride: CheckpointError naming both sides),
+    then either referenced by its absolute path or, with ``copy``, copied into ``folder/codec`` (through a
+    temporary folder, renamed into place); a folder already at ``folder/codec`` is recorded as such.
+    ``config.json`` is rewritten atomically last. Returns the codec folder the model now uses.
+    """
+    folder = resolve_model_path(folder)
+    config = V2FlowConfig.from_file(folder / CONFIG_NAME)
+    if config.codec != "dcae":
+        raise CheckpointError(f"model {folder} uses the {config.codec!r} codec, not DC-AE: it takes no codec folder")
+    src = Path(dcae_dir).resolve()
+    check_dcae_folder(src, config)
+    inside = src == (folder / DCAE_FOLDER).resolve()      # already the model's own codec/ folder
+    target = src
+    if copy and not inside:
+        target = folder / DCAE_FOLDER
+        tmp = Path(tempfile.mkdtemp(dir=folder, prefix=f".{DCAE_FOLDER}.partial-"))
+        try:
+            for f in sorted(src.iterdir()):
+                if f.is_file():
+                    shutil.copy2(f, tmp / f.name)
+            os.chmod(tmp, 0o777 & ~_umask())
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(tmp, target)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    config.extra[DCAE_KEY] = DCAE_FOLDER if copy or inside else str(src)
+    _atomic_write(folder / CONFIG_NAME, lambda p: Path(p).write_text(config.to_json()))
+    return target
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 # ----------------------------------------------------------------------------- official checkpoints
@@ -160,20 +211,62 @@ def config_from_official(state: dict[str, torch.Tensor], args: Any = None) -> V2
     ).validate()
 
 
-def import_official(path: str | Path, use_ema: bool = False, allow_unexpected: bool = False) -> V2Flow:
+# What the official code writes that this package does not build, and why (import drops it, says so).
+DROPPED_WHY = {"class_emb.weight": "the official model's unused class embedding (no gradient, never read)"}
+
+
+def _refuse_unrepresentable(path: Path, state: dict[str, torch.Tensor], args: Any) -> None:
+    """CheckpointError for official checkpoints this package cannot run faithfully (names the flag)."""
+    if args is not None and getattr(args, "visual_vocabulary", True) is False or "llm_embed_tokens" not in state:
+        raise CheckpointError(f"{path}: trained without the visual vocabulary (no llm_embed_tokens; the official "
+                              f"no-vocab baseline branch); v2flow-rt implements the vocabulary branch only")
+    flow = str(getattr(args, "flow_method", "linear_flow") or "linear_flow")
+    if flow != "linear_flow":
+        raise CheckpointError(f"{path}: trained with --flow_method {flow}, whose time and sign conventions differ "
+                              f"(t in [0, 1], target x - noise); v2flow-rt samples the linear_flow convention only")
+    patch = int(getattr(args, "patch_size", 1) or 1)
+    if patch != 1:
+        raise CheckpointError(f"{path}: trained with --patch_size {patch}; v2flow-rt supports patch size 1 (one "
+                              f"token per DC-AE latent position, as every official factory uses)")
+    embed = getattr(args, "vae_embed_dim", None)
+    if embed is not None and "z_proj.weight" in state and int(state["z_proj.weight"].shape[1]) != int(embed):
+        raise CheckpointError(f"{path}: z_proj takes {int(state['z_proj.weight'].shape[1])} values per token but "
+                              f"args.vae_embed_dim is {embed}")
+
+
+def import_official(path: str | Path, use_ema: bool = False, allow_unexpected: bool = False,
+                    report: dict[str, Any] | None = None) -> V2Flow:
     """Build a model from an official ``checkpoint-last.pth`` (raw weights by default, as the official
-    ``--evaluate`` does; ``use_ema=True`` takes ``model_ema``)."""
+    ``--evaluate`` does; ``use_ema=True`` takes ``model_ema``).
+
+    The file is memory-mapped and the model is built on the meta device and takes the mapped tensors, so
+    no weight is held twice. ``report``, when given, receives what was dropped and why (``dropped``: key →
+    reason, ``parameters``, ``entry``, ``epoch``).
+
+    Raises CheckpointError: unreadable or code-carrying file, no such entry, a geometry that does not fit,
+    or an official variant this package cannot represent (no visual vocabulary, CondOT flow, patch size > 1).
+    """
+    path = Path(path)
     ckpt = read_official(path)
     key = "model_ema" if use_ema else "model"
-    if key not in ckpt:
-        raise CheckpointError(f"{path}: no {key!r} entry (found {sorted(ckpt)})")
-    state = {k: v for k, v in ckpt[key].items() if k not in IGNORED_OFFICIAL_KEYS}
+    if key not in ckpt or not isinstance(ckpt[key], dict):
+        raise CheckpointError(f"{path}: no {key!r} state dict (found {sorted(ckpt)})")
+    args = ckpt.get("args")
+    dropped = {k: DROPPED_WHY[k] for k in ckpt[key] if k in DROPPED_WHY}
+    state = {k: v for k, v in ckpt[key].items() if k not in dropped}
+    _refuse_unrepresentable(path, state, args)
     try:
-        config = config_from_official(state, ckpt.get("args"))
+        config = config_from_official(state, args)
     except ConfigError as exc:
         raise CheckpointError(f"{path}: the tensors describe an inconsistent geometry: {exc}") from None
-    model = V2Flow(config, llm_embed=state["llm_embed_tokens"])
-    load_state_into(model, state, f"{path}[{key!r}]", allow_unexpected=allow_unexpected)
+    with torch.device("meta"):
+        model = V2Flow(config)
+    load_state_into(model, state, f"{path}[{key!r}]", allow_unexpected=allow_unexpected, assign=True)
+    if report is not None:
+        report.update({"entry": key, "epoch": ckpt.get("epoch"), "config": config.name,
+                       "parameters": sum(p.numel() for p in model.parameters()),
+                       "dropped": {k: f"{why} ({ckpt[key][k].numel() / 1e6:.1f} M values)"
+                                   for k, why in dropped.items()}})
     return model.eval()
 
 
@@ -201,3 +294,112 @@ def export_official(model: V2Flow, path: str | Path, ema_state: dict[str, torch.
     _atomic_write(out, lambda p: torch.save(payload, p))
     return out
 
+
+
+# ----------------------------------------------------------------------------- whole model folders
+
+
+def _new_folder(out: Path, write: Any) -> Path:
+    """Fill a temporary folder beside ``out`` with ``write(tmp)``, then put it in place of ``out``.
+
+    ``out`` must be absent, empty or a model folder (holds config.json); an existing one is moved aside
+    only once the new folder is complete, and deleted last. A failure leaves ``out`` as it was.
+    """
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / CONFIG_NAME).is_file())):
+        raise CheckpointError(f"refusing to replace {out}: it is not empty and holds no {CONFIG_NAME}, so it is not "
+                              f"a model folder (choose another --out or empty it)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
+    try:
+        os.chmod(tmp, 0o777 & ~_umask())
+        write(tmp)
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def randomize_zero_layers(model: V2Flow, seed: int = 0, std: float = 0.02) -> V2Flow:
+    """Fill every all-zero weight and bias (adaLN modulations, the velocity net's output layer, ...) with
+    N(0, std²): a freshly initialised V2Flow's velocity is exactly zero, so parity checks and benchmarks of
+    an untrained model would otherwise compare zeros. Norm layers are left as they are. In place."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim >= 1 and float(p.abs().max()) == 0 and "norm" not in name and "_ln" not in name:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+    return model
+
+
+def import_official_folder(checkpoint: str | Path, out: str | Path, use_ema: bool = False,
+                           codec: str | Path | None = None, copy_codec: bool = False,
+                           progress: bool = True) -> dict[str, Any]:
+    """``import_official`` written as a model folder (config.json + model.safetensors [+ codec/]).
+
+    The checkpoint is memory-mapped and its tensors written straight to safetensors, so memory stays near
+    one copy of the chosen entry's weights. ``codec``: a local diffusers AutoencoderDC folder, checked
+    against the model, then referenced (or copied in with ``copy_codec``). Returns the import report
+    (what was dropped and why, parameter count, codec, folder).
+    """
+    from tqdm import tqdm
+
+    report: dict[str, Any] = {}
+    bar = tqdm(total=3, desc="import", unit="step", disable=not progress, leave=False)
+    bar.set_postfix_str("reading (mmap)")
+    model = import_official(checkpoint, use_ema=use_ema, report=report)
+    if codec is not None:
+        check_dcae_folder(codec, model.config)   # refuse a mismatched codec before writing anything
+    bar.update()
+
+    def write(tmp: Path) -> None:
+        bar.set_postfix_str(f"writing {WEIGHTS_NAME}")
+        save_pretrained(model, tmp)
+        bar.update()
+        if codec is not None:
+            bar.set_postfix_str("codec")
+            attach_codec(tmp, codec, copy=copy_codec)
+        bar.update()
+
+    folder = _new_folder(Path(out), write)
+    bar.close()
+    report.update({"folder": str(folder), "codec": (str(folder / DCAE_FOLDER) if copy_codec else str(codec))
+                   if codec is not None else None})
+    return report
+
+
+def init_model_folder(preset: str, out: str | Path, seed: int = 0, codec: str | Path | None = None,
+                      copy_codec: bool = False, randomize: bool = False) -> Path:
+    """A randomly initialised model of a preset (the official initialisation) written as a model folder.
+
+    DC-AE presets get ``codec`` or, when none is given, a tiny random AutoencoderDC of the right geometry
+    copied in as ``codec/`` (``codecs.make_tiny_dcae``), so the real sizes can be exercised without a
+    checkpoint. ``randomize``: also fill the zero-initialised layers (``randomize_zero_layers``).
+    """
+    from ..config import get_preset
+    from .codecs import make_tiny_dcae
+
+    config = get_preset(preset)
+    how = f"random, seed {seed}" + (", zero-initialised layers filled" if randomize else "")
+    config.extra = {**config.extra, "initialised": how}
+    torch.manual_seed(seed)
+    model = V2Flow(config).eval()
+    if randomize:
+        randomize_zero_layers(model, seed + 1)
+
+    def write(tmp: Path) -> None:
+        save_pretrained(model, tmp)
+        if config.codec == "dcae":
+            if codec is None:
+                make_tiny_dcae(tmp / DCAE_FOLDER, config.latent_channels, config.codec_stride, seed)
+                attach_codec(tmp, tmp / DCAE_FOLDER)     # recorded relative: the folder stays movable
+            else:
+                attach_codec(tmp, codec, copy=copy_codec)
+
+    return _new_folder(Path(out), write)

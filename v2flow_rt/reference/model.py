@@ -14,6 +14,7 @@ checkpoint (see ``shared/spec/official-v2flow.md`` §6.2). Deviations from the o
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -24,6 +25,7 @@ from torch import nn
 from ..config import V2FlowConfig
 from ..errors import ConfigError, ShapeError
 from ..sampling import SamplerSettings, sample_tokens
+from ..sampling.loop import OdeFn
 from .resampler import STCConnector, VectorQuantize, build_mlp
 from .transformer import Block, FlowLoss, SimpleMLPAdaLN
 
@@ -267,11 +269,19 @@ class V2Flow(nn.Module):
 
     @torch.no_grad()
     def sample_tokens(self, buffer: torch.Tensor, settings: SamplerSettings | None = None,
-                      seed: int | None = 0, **overrides: Any) -> torch.Tensor:
-        """buffer [B, N, D] → sampled latent tokens [B, L, C], through the one numpy sampling loop."""
+                      seed: int | None = 0, *, ode: OdeFn | None = None,
+                      on_iteration: Callable[[int, np.ndarray], None] | None = None,
+                      orders: np.ndarray | None = None, noise: np.ndarray | None = None,
+                      **overrides: Any) -> torch.Tensor:
+        """buffer [B, N, D] → sampled latent tokens [B, L, C], through the one numpy sampling loop.
+
+        ``ode``, ``on_iteration``, ``orders`` and ``noise`` are passed to ``sampling.sample_tokens``
+        (explicit randomness instead of ``seed``; a fused solver; a per-iteration hook).
+        """
         settings = settings or SamplerSettings.from_config(self.config, **overrides)
         out = sample_tokens(self.stages(), buffer.detach().cpu().numpy(), settings, seed,
-                            token_dim=self.config.token_dim)
+                            token_dim=self.config.token_dim, ode=ode, on_iteration=on_iteration,
+                            orders=orders, noise=noise)
         return torch.from_numpy(out).to(buffer.device)
 
 

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import V2FlowConfig
-from ..errors import ExportError
+from ..errors import BackendUnavailable, ExportError
 from ..sampling.solvers import SOLVER_FUNCS, sigma_grid
 from ..stages import STAGE_NAMES, StageSpec
 from .codecs import DCAECodec, PatchCodec, build_codec
@@ -216,8 +216,10 @@ def stage_modules(model: V2Flow, specs: dict[str, StageSpec], codec: Codec | Non
 
 
 def codec_available(config: V2FlowConfig, dcae_path: str | None = None) -> tuple[Codec | None, str]:
-    """(codec, "") when the config's codec can be built here, else (None, why not)."""
+    """(codec, "") when the config's codec can be built here, (None, why not) when no codec folder is
+    recorded or diffusers is missing. A recorded folder that is missing, broken or of another geometry
+    raises CheckpointError: a wrong codec must never be skipped quietly."""
     try:
         return build_codec(config, dcae_path), ""
-    except Exception as exc:  # BackendUnavailable, CheckpointError: the codec stages are then skipped
+    except BackendUnavailable as exc:
         return None, str(exc)

@@ -105,23 +105,80 @@ def host_ode(velocity: Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray
     return ode
 
 
+def seeded_randomness(seed: int | None, batch: int, seq_len: int, token_dim: int,
+                      num_iter: int) -> tuple[np.ndarray, np.ndarray]:
+    """The orders and initial noise a seed stands for: (orders [B, L] int64, noise [B, L, C] float32).
+
+    One ``numpy.random.Generator`` draws the B orders first, then, iteration by iteration, one standard
+    normal row per predicted token in (batch, position) order (spec §10), as the official loop does.
+    ``sample_tokens(..., seed=s)`` is ``sample_tokens(..., orders=o, noise=n)`` with these values, so a
+    host that cannot run numpy's generator can pass the same randomness explicitly.
+    """
+    rng = np.random.default_rng(seed)
+    orders = random_orders(rng, batch, seq_len)
+    noise = np.zeros((batch, seq_len, token_dim), dtype=np.float32)
+    mask = np.ones((batch, seq_len), dtype=bool)
+    for next_len in mask_lengths(seq_len, num_iter):
+        mask_next = mask_from_order(orders, next_len)
+        pred = mask & ~mask_next                                                # [B, L]
+        noise[pred] = rng.standard_normal((int(pred.sum()), token_dim)).astype(np.float32)
+        mask = mask_next
+    return orders, noise
+
+
+def check_orders(orders: Any, batch: int, seq_len: int) -> np.ndarray:
+    """Raise ShapeError unless ``orders`` is int64 [batch, seq_len] with a permutation of 0..L-1 per row."""
+    if not isinstance(orders, np.ndarray) or orders.dtype != np.int64:
+        got = orders.dtype if isinstance(orders, np.ndarray) else type(orders).__name__
+        raise ShapeError(f"orders must be a numpy int64 array [B, L] = [{batch}, {seq_len}], got {got}")
+    if orders.shape != (batch, seq_len):
+        raise ShapeError(f"orders must have shape [B, L] = [{batch}, {seq_len}], got {list(orders.shape)}")
+    want = np.arange(seq_len)
+    bad = [b for b in range(batch) if not np.array_equal(np.sort(orders[b]), want)]
+    if bad:
+        raise ShapeError(f"orders row {bad[0]} is not a permutation of 0..{seq_len - 1} (each position exactly "
+                         f"once); {len(bad)} of {batch} rows are not")
+    return orders
+
+
+def check_noise(noise: Any, batch: int, seq_len: int, token_dim: int) -> np.ndarray:
+    """Raise ShapeError unless ``noise`` is finite float32 [batch, seq_len, token_dim]."""
+    want = [batch, seq_len, token_dim]
+    if not isinstance(noise, np.ndarray) or noise.dtype != np.float32:
+        got = noise.dtype if isinstance(noise, np.ndarray) else type(noise).__name__
+        raise ShapeError(f"noise must be a numpy float32 array [B, L, C] = {want}, got {got}")
+    if list(noise.shape) != want:
+        raise ShapeError(f"noise must have shape [B, L, C] = {want}, got {list(noise.shape)}")
+    if not np.isfinite(noise).all():
+        raise ShapeError(f"noise holds {int((~np.isfinite(noise)).sum())} non-finite value(s)")
+    return noise
+
+
 def sample_tokens(stages: Stages, buffer: np.ndarray, settings: SamplerSettings, seed: int | None = 0,
                   token_dim: int | None = None, ode: OdeFn | None = None,
-                  on_iteration: Callable[[int, np.ndarray], None] | None = None) -> np.ndarray:
+                  on_iteration: Callable[[int, np.ndarray], None] | None = None,
+                  orders: np.ndarray | None = None, noise: np.ndarray | None = None) -> np.ndarray:
     """Generate every token of a batch by masked-AR iterations of per-token ODE solves.
 
     Args:
         stages: the backend's stage callables (see module docstring).
         buffer: the visual-token condition [B, N, D] (projector output), float32.
         settings: sampling settings.
-        seed: seed of the orders and noise (None draws a fresh one).
-        token_dim: C, the per-token latent size (taken from the first ``mar_step`` otherwise unknown:
-            must be given).
+        seed: seed of the orders and noise (None draws a fresh one); ignored for whichever of ``orders``
+            and ``noise`` is given.
+        token_dim: C, the per-token latent size (must be given).
         ode: a fused solver; defaults to the host solver over ``stages.velocity``.
         on_iteration: called as ``on_iteration(k, pred_mask [B,L])`` before each iteration's ODE solve.
+        orders: int64 [B, L], one permutation of the positions per row; the tail of each order is
+            predicted first (``mask_from_order``).
+        noise: float32 [B, L, C], the standard-normal initial noise of every token at its position
+            (scaled by ``settings.temperature`` before the solve).
 
     Returns:
         tokens [B, L, C] float32: the sampled latent tokens (still multiplied by the latent scale).
+
+    Raises:
+        ShapeError: a bad buffer, missing token_dim, or orders / noise of the wrong type, shape or values.
     """
     settings = settings.check()
     if buffer.ndim != 3:
@@ -129,13 +186,19 @@ def sample_tokens(stages: Stages, buffer: np.ndarray, settings: SamplerSettings,
     if token_dim is None:
         raise ShapeError("token_dim (values per token) must be given")
     bsz, seq_len = buffer.shape[0], buffer.shape[1]
-    rng = np.random.default_rng(seed)
+    if orders is not None:
+        check_orders(orders, bsz, seq_len)
+    if noise is not None:
+        check_noise(noise, bsz, seq_len, token_dim)
+    if orders is None or noise is None:
+        seeded_orders, seeded_noise = seeded_randomness(seed, bsz, seq_len, token_dim, settings.num_iter)
+        orders = seeded_orders if orders is None else orders
+        noise = seeded_noise if noise is None else noise
     ode = ode or host_ode(stages.velocity, settings)
     buffer = np.ascontiguousarray(buffer, dtype=np.float32)
     fake = np.asarray(stages.fake_latent, dtype=np.float32).reshape(-1)
     fake_buffer = np.broadcast_to(fake, buffer.shape).astype(np.float32) if settings.guided else None
 
-    orders = random_orders(rng, bsz, seq_len)
     mask = np.ones((bsz, seq_len), dtype=bool)
     tokens = np.zeros((bsz, seq_len, token_dim), dtype=np.float32)
     for k, next_len in enumerate(mask_lengths(seq_len, settings.num_iter)):
@@ -145,9 +208,7 @@ def sample_tokens(stages: Stages, buffer: np.ndarray, settings: SamplerSettings,
         if on_iteration is not None:
             on_iteration(k, pred)
         z_pred = z[pred]                                                        # [M, Dz], (b, pos) order
-        scale = settings.cfg_scale
-        if settings.cfg_schedule == "linear":
-            scale = 1.0 + (settings.cfg_scale - 1.0) * (seq_len - next_len) / seq_len
+        scale = iteration_cfg_scale(settings, seq_len, next_len)
         z_uncond = None
         if scale != 1.0:
             if fake_buffer is not None and settings.cfg_mode == "mar":
@@ -158,8 +219,15 @@ def sample_tokens(stages: Stages, buffer: np.ndarray, settings: SamplerSettings,
                         f"official CFG feeds fake_latent (dim {fake.shape[0]}) to the velocity net, whose "
                         f"condition dim is {z_pred.shape[1]}; use cfg_mode='mar'")
                 z_uncond = np.broadcast_to(fake, z_pred.shape).astype(np.float32)
-        noise = rng.standard_normal((z_pred.shape[0], token_dim)).astype(np.float32)
-        x0 = ode(noise * np.float32(settings.temperature), z_pred, z_uncond, scale)
+        x0 = ode(noise[pred] * np.float32(settings.temperature), z_pred, z_uncond, scale)
         tokens[pred] = np.asarray(x0, dtype=np.float32)
         mask = mask_next
     return tokens
+
+
+def iteration_cfg_scale(settings: SamplerSettings, seq_len: int, next_len: int) -> float:
+    """The guidance scale of an iteration that leaves ``next_len`` tokens masked (MAR's linear schedule
+    raises it from 1 as tokens become known; constant otherwise)."""
+    if settings.cfg_schedule == "linear":
+        return 1.0 + (settings.cfg_scale - 1.0) * (seq_len - next_len) / seq_len
+    return settings.cfg_scale
