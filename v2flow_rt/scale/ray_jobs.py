@@ -281,18 +281,21 @@ class _Detokenizer:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from ..data import save_image
-        from ..errors import V2FlowError
+        from .serve import batch_detokenize
 
-        errors = []
-        for key, ids, seed in zip(batch["key"], batch["ids"], batch["seed"]):
-            try:
-                image = self.pipe.detokenize(np.asarray(ids, dtype=np.int64)[None], seed=int(seed), **self.sampling)
-                target = self.out / image_name(str(key))
+        cfg = self.pipe.config
+        rows = [np.asarray(ids, dtype=np.int64) for ids in batch["ids"]]
+        errors = ["" if len(r) == cfg.num_tokens and (r.min() >= 0 and r.max() < cfg.codebook_size) else
+                  f"{key}: ids must be {cfg.num_tokens} values in [0, {cfg.codebook_size}), got {len(r)} in "
+                  f"[{r.min() if len(r) else '-'}, {r.max() if len(r) else '-'}]" for key, r in zip(batch["key"], rows)]
+        good = [i for i, e in enumerate(errors) if not e]
+        if good:                            # one batched call; each image as if decoded alone on its seed
+            images = batch_detokenize(self.pipe, np.stack([rows[i] for i in good]),
+                                      [int(batch["seed"][i]) for i in good], **self.sampling)
+            for i, image in zip(good, images):
+                target = self.out / image_name(str(batch["key"][i]))
                 target.parent.mkdir(parents=True, exist_ok=True)
-                save_image(target, image[0])
-                errors.append("")
-            except V2FlowError as exc:          # wrong length, ids out of range: this row only
-                errors.append(f"{key}: {exc}")
+                save_image(target, image)
         return {"key": batch["key"], "error": np.asarray(errors, dtype=object)}
 
 

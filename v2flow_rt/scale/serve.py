@@ -9,10 +9,10 @@ Models (``N`` tokens, images ``S``×``S``; the leading batch axis is Triton's, u
 | ``detokenize`` | ``ids`` INT64 [N], optional ``seed`` INT64 [1] (default 0) | ``image`` UINT8 [S, S, 3] |
 | ``reconstruct`` | ``image`` BYTES [1], optional ``seed`` INT64 [1] | ``image`` UINT8 [S, S, 3], ``ids`` INT64 [N] |
 
-Triton's dynamic batcher groups concurrent requests into one execution. ``tokenize`` runs an execution as
-one engine batch (the ids of an image do not depend on what it is batched with). ``detokenize`` samples
-each request on its own seed, so an image does not depend on the requests it happened to be batched with
-(the sampling loop draws one random stream per call); batching then saves the per-request overhead only.
+Triton's dynamic batcher groups concurrent requests into one execution, and each execution runs as one
+engine batch. A request's result does not depend on what it was batched with: ids are per image, and
+``detokenize`` draws each request's orders and noise from its own seed (``batch_detokenize``), so an image
+equals ``V2FlowPipeline.detokenize(ids, seed=seed)`` of that request alone.
 
 Triton itself refuses a request of the wrong dtype or shape, naming the input. Values are checked here
 (ids within the codebook, image bytes that decode): PyTriton 0.7 answers an execution with one error for
@@ -32,6 +32,7 @@ import numpy as np
 
 from ..data import decode_image
 from ..errors import ServingError, ShapeError
+from ..sampling import seeded_randomness
 
 MODELS = ("tokenize", "detokenize", "reconstruct")
 
@@ -61,6 +62,17 @@ def _seeds(requests: Sequence[Any], counts: Sequence[int]) -> list[int]:
     return seeds
 
 
+def batch_detokenize(pipe: Any, ids: np.ndarray, seeds: Sequence[int], **sampling: Any) -> np.ndarray:
+    """ids [B, N] → images [B, S, S, 3] in one batched call, image i exactly ``pipe.detokenize(ids[i:i+1],
+    seed=seeds[i])``: each seed's orders and noise are drawn alone (``seeded_randomness``), then stacked."""
+    cfg = pipe.config
+    num_iter = sampling.get("num_iter") or cfg.num_iter
+    drawn = [seeded_randomness(int(s), 1, cfg.num_tokens, cfg.token_dim, num_iter) for s in seeds]
+    orders = np.concatenate([o for o, _ in drawn])                                 # [B, N]
+    noise = np.concatenate([z for _, z in drawn])                                  # [B, N, C]
+    return pipe.detokenize(ids, orders=orders, noise=noise, **sampling)
+
+
 def infer_functions(pipe: Any) -> dict[str, Callable[[list[Any]], list[dict[str, np.ndarray]]]]:
     """The three models' infer callables over one ``V2FlowPipeline``: a list of requests (each with its own
     leading batch axis) in, one response dict per request out. Raises ShapeError / ImageError naming the
@@ -84,7 +96,7 @@ def infer_functions(pipe: Any) -> dict[str, Callable[[list[Any]], list[dict[str,
         return rows, counts
 
     def decode(ids: Sequence[np.ndarray], seeds: Sequence[int]) -> list[np.ndarray]:
-        return [pipe.detokenize(row[None], seed=seed)[0] for row, seed in zip(ids, seeds)]
+        return list(batch_detokenize(pipe, np.stack(ids), seeds))
 
     def detokenize(requests: list[Any]) -> list[dict[str, np.ndarray]]:
         rows, counts = check_ids(requests)
