@@ -99,13 +99,15 @@ def run_bench(model: str = "default", export_dir: str | None = None, precisions:
     """Time every backend on the same ids, images and seed; ratios are against PyTorch eager."""
     from tqdm import tqdm
 
-    from .data import HELDOUT_PHOTOS, eval_crops, from_model_range
+    from .data import HELDOUT_PHOTOS, fitting_crops, from_model_range, load_photo
 
     pipes = _pipelines(model, export_dir, list(precisions), list(torch_modes), threads)
     base = pipes[next(iter(pipes))]
     cfg = base.config
     settings = SamplerSettings.from_config(cfg)
-    crops = eval_crops(list(HELDOUT_PHOTOS), cfg.img_size, per_image=max(1, batch // 2 + batch % 2))[:batch]
+    photos = [load_photo(n) for n in HELDOUT_PHOTOS]
+    crops = fitting_crops(photos, cfg.img_size, per_image=max(1, batch // 2 + batch % 2))[0]
+    crops = np.concatenate([crops] * -(-batch // len(crops)))[:batch]
     ids = base.tokenize(crops)
     rng = np.random.default_rng(0)
     rows = batch * max(tokens_per_iteration(cfg.num_tokens, settings.num_iter))

@@ -143,7 +143,8 @@ def _cmd_build(a: argparse.Namespace) -> int:
 def _cmd_demo(a: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    path = run_demo(a.out, a.model, repeat=a.repeat, threads=a.threads)
+    precisions = tuple(p.strip() for p in a.precisions.split(",") if p.strip())
+    path = run_demo(a.out, a.model, precisions=precisions, repeat=a.repeat, threads=a.threads)
     print(f"report: {path}")
     return 0
 
@@ -291,7 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="export, validate, benchmark and reconstruct the bundled default model")
     p.add_argument("--out", default="demo_out")
-    p.add_argument("--model", default="default")
+    p.add_argument("--model", default="default", help="model folder (a DC-AE model with its codec) or 'default'")
+    p.add_argument("--precisions", default="fp32,fp16,int8,int8-qdq")
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--threads", type=int, default=None)
     p.set_defaults(func=_cmd_demo)

@@ -382,6 +382,24 @@ def grid_crops(images: Sequence[np.ndarray], size: int, per_image: int = 8, scal
     return to_model_range(np.stack(crops))
 
 
+def fitting_crops(images: Sequence[np.ndarray], size: int, per_image: int = 8, scale: float = 0.5,
+                  labels: Sequence[str] | None = None) -> tuple[np.ndarray, str]:
+    """``grid_crops`` at ``scale`` where every image is large enough for it, else at full scale, else one
+    resized centre crop per image (``resize_center_crop``, as the official preprocessing does): the
+    built-in photos are 300-1000 pixels, smaller than a 512² or 1024² model's crop after downscaling.
+
+    Returns (crops float32 [n, 3, size, size] in [-1, 1], how they were cut: ``"scale 0.5"``,
+    ``"scale 1.0"`` or ``"resized centre crop"``), so a report can say what it measured.
+    """
+    for s in dict.fromkeys((scale, 1.0)):
+        try:
+            return grid_crops(images, size, per_image, s, labels), f"scale {s}"
+        except ImageError:
+            continue
+    crops = np.stack([resize_center_crop(_check_image(im, f"image {i}"), size) for i, im in enumerate(images)])
+    return to_model_range(crops), "resized centre crop"
+
+
 # ----------------------------------------------------------------------------- writing
 
 def _save_atomic(path: str | os.PathLike[str], pil: Image.Image) -> None:

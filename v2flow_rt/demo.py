@@ -10,7 +10,7 @@ import json
 import os
 from pathlib import Path
 
-from .data import HELDOUT_PHOTOS, eval_crops, from_model_range, save_grid
+from .data import HELDOUT_PHOTOS, fitting_crops, from_model_range, load_photo, save_grid
 from .metrics import grid_baseline, psnr, ssim
 
 PRECISIONS = ("fp32", "fp16", "int8", "int8-qdq")
@@ -44,13 +44,12 @@ def run_demo(out: str | Path, model: str = "default", precisions: tuple[str, ...
     print(f"[4/4] reconstructing the held-out photos on {fastest}")
     pipe = V2FlowPipeline.from_pretrained(export_dir, backend="ort", precision=precision, threads=threads)
     cfg = pipe.config
-    crops = eval_crops(list(HELDOUT_PHOTOS), cfg.img_size, per_image=8)
+    crops, _ = fitting_crops([load_photo(n) for n in HELDOUT_PHOTOS], cfg.img_size, per_image=8)
     recon = pipe.reconstruct(crops, seed=0)
     ref = from_model_range(crops)
     base = from_model_range(grid_baseline(crops, cfg.grid_size))
-    save_grid(out / "reconstructions.png", [list(ref[:8]), list(base[:8]), list(recon[:8]),
-                                             list(ref[8:16]), list(base[8:16]), list(recon[8:16])],
-              labels=["original", "grid", fastest] * 2)
+    rows = [list(part[i:i + 8]) for i in range(0, min(len(ref), 16), 8) for part in (ref, base, recon)]
+    save_grid(out / "reconstructions.png", rows, labels=["original", "grid", fastest] * (len(rows) // 3))
     quality = {"psnr": psnr(ref, recon), "ssim": ssim(ref, recon), "grid_baseline_psnr": psnr(ref, base)}
     lines = [
         f"# v2flow-rt demo: {model} ({cfg.name})", "",

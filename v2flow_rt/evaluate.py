@@ -12,7 +12,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .data import HELDOUT_PHOTOS, PHOTOS, from_model_range, grid_crops, image_files, load_image, load_photo, save_grid
+from .data import (
+    HELDOUT_PHOTOS,
+    PHOTOS,
+    fitting_crops,
+    from_model_range,
+    image_files,
+    load_image,
+    load_photo,
+    save_grid,
+)
 from .errors import ImageError
 from .metrics import grid_baseline, psnr, ssim
 from .pipeline import V2FlowPipeline
@@ -23,7 +32,9 @@ def evaluate(model: str | Path = "default", backend: str = "torch", precision: s
              seed: int = 0, grid_png: str | None = None, photos: Sequence[str] | None = None,
              images: Sequence[str | os.PathLike[str]] | None = None, scale: float = 0.5,
              **sampling: Any) -> dict[str, Any]:
-    """PSNR/SSIM of reconstructions and of the grid baseline on deterministic crops (``data.grid_crops``).
+    """PSNR/SSIM of reconstructions and of the grid baseline on deterministic crops (``data.fitting_crops``:
+    the grid of crops at ``scale``, at full scale, or one resized centre crop per image for models larger
+    than the images allow; the report's ``crops`` says which).
 
     The crops come from ``images`` (files, or folders of them) if given, else from the built-in
     ``photos`` (default: the held-out ones), each downscaled by ``scale``. ``held_out`` in the report
@@ -42,7 +53,7 @@ def evaluate(model: str | Path = "default", backend: str = "torch", precision: s
         sources, arrays = names, [load_photo(n) for n in names]
     pipe = V2FlowPipeline.from_pretrained(model, backend=backend, precision=precision)
     cfg = pipe.config
-    crops = grid_crops(arrays, cfg.img_size, per_image, scale, labels=sources)     # (B, 3, H, W)
+    crops, cut = fitting_crops(arrays, cfg.img_size, per_image, scale, labels=sources)   # (B, 3, H, W)
     recon = pipe.reconstruct(crops, seed=seed, **sampling)                         # (B, H, W, 3) uint8
     ref, base = from_model_range(crops), from_model_range(grid_baseline(crops, cfg.grid_size))
     if grid_png:
@@ -55,7 +66,7 @@ def evaluate(model: str | Path = "default", backend: str = "torch", precision: s
                                            num_iter=sampling.get("num_iter"))
     report: dict[str, Any] = {
         "model": str(model), "backend": pipe.engine.backend, "precision": pipe.engine.precision,
-        "photos": sources, "scale": scale, "held_out": held_out, "images": len(crops),
+        "photos": sources, "scale": scale, "crops": cut, "held_out": held_out, "images": len(crops),
         "psnr": round(psnr(ref, recon), 3), "ssim": round(ssim(ref, recon), 4),
         "grid_baseline_psnr": round(psnr(ref, base), 3), "grid_baseline_ssim": round(ssim(ref, base), 4),
         "sampler": settings.__dict__, "seed": seed,

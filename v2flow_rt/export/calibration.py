@@ -108,20 +108,11 @@ def record_stage_inputs(model: V2Flow, modules: dict[str, nn.Module], images: np
 
 
 def photo_crops(names: Sequence[str], size: int, per_image: int = 8, scale: float = 0.5) -> np.ndarray:
-    """Deterministic crops of built-in photos at the model's size: float32 [n, 3, size, size] in [-1, 1].
+    """Deterministic crops of built-in photos at the model's size (``data.fitting_crops``):
+    float32 [n, 3, size, size] in [-1, 1]."""
+    from ..data import fitting_crops, load_photo
 
-    ``eval_crops`` at ``scale``, then at full scale, then one resized centre crop per photo for sizes the
-    photos cannot give ``per_image`` crops of.
-    """
-    from ..data import eval_crops, load_photo, resize_center_crop, to_model_range
-    from ..errors import ImageError
-
-    for s in (scale, 1.0):
-        try:
-            return eval_crops(names, size, per_image, s)
-        except ImageError:
-            continue
-    return to_model_range(np.stack([resize_center_crop(load_photo(n), size) for n in names]))
+    return fitting_crops([load_photo(n) for n in names], size, per_image, scale, labels=list(names))[0]
 
 
 def train_crops(size: int, n: int, seed: int = 0) -> np.ndarray:

@@ -25,8 +25,6 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from ..errors import ExportError
-
 ROW_CHUNK_BYTES = 256 << 20      # read weights 256 MiB at a time
 MIN_QUANT_VALUES = 1 << 16       # smaller weights are not worth the quantize/dequantize overhead
 
@@ -132,7 +130,7 @@ def quantize_matmuls(src: Path, dst: Path, exclude: Sequence[str] = (), min_valu
     of at least ``min_values`` values that no other node reads, except nodes named in ``exclude``.
 
     Node names must be unique (``precision._name_nodes``). Returns the notes for the manifest: the method,
-    the quantized nodes and the excluded ones. Raises ExportError when nothing could be quantized.
+    the quantized nodes (none: the graph is copied) and the excluded ones.
     """
     model = onnx.load(str(src), load_external_data=False)
     graph = model.graph
@@ -181,13 +179,12 @@ def quantize_matmuls(src: Path, dst: Path, exclude: Sequence[str] = (), min_valu
             helper.make_node("Mul", [f"{p}_xs", w + "_scale"], [f"{p}_s"], name=f"{p}_scales"),
             helper.make_node("Mul", [f"{p}_f32", f"{p}_s"], [node.output[0]], name=f"{p}_rescale"),
         ]
-    if not targets:
-        data.f.close()
-        Path(data.path).unlink(missing_ok=True)
-        raise ExportError(f"{src.name}: no MatMul with a constant weight of >= {min_values} values to quantize")
     del graph.node[:]
     graph.node.extend(nodes)
     _save(model, dst, data)
+    if not targets:
+        return {"method": f"copied from fp32: no MatMul with a constant weight of >= {min_values} values",
+                "quantized_nodes": [], "excluded_nodes": list(exclude)}
     return {"method": "per-channel symmetric int8 weights (max|W[:, n]|/127), dynamic uint8 activations "
                       "(DynamicQuantizeLinear → MatMulInteger), written streaming from the fp32 external data",
             "quantized_nodes": sorted(targets), "excluded_nodes": list(exclude)}
