@@ -192,3 +192,31 @@ def test_unrepresentable_official_checkpoints_are_refused(tmp_path: Path, field:
     path, _, _ = write_official_checkpoint(_config(), tmp_path / "checkpoint-last.pth", **{field: value})
     with pytest.raises(CheckpointError, match=needle):
         import_official(path)
+
+
+def test_validate_eval_bench_and_demo_accept_an_official_model(flow: dict[str, Any], tmp_path: Path,
+                                                                capsys) -> None:
+    """The verbs a user runs next on an imported model: validate (the DC-AE graphs against the recorded codec
+    folder too), eval on their own photos, bench and demo."""
+    from PIL import Image
+
+    from v2flow_rt.export.validate import validate_folder
+
+    report = validate_folder(flow["export"], seed=3)
+    assert report.ok and report.reference.startswith("pytorch")
+    assert {"codec_encode", "codec_decode"} <= {r["stage"] for r in report.rows}
+    photo = tmp_path / "mine.png"
+    Image.fromarray(_photos(1, seed=9)[0]).resize((300, 280)).save(photo)
+    capsys.readouterr()
+    assert main(["eval", "--model", str(flow["model_dir"]), "--images", str(photo), "--steps", str(STEPS),
+                 "--per-image", "2", "--json"]) == 0
+    ev = json.loads(capsys.readouterr().out)
+    assert ev["images"] == 1 and ev["crops"] == "resized centre crop" and ev["psnr"] > 0
+    bench = tmp_path / "bench.json"
+    assert main(["bench", "--model", str(flow["model_dir"]), "--export", str(flow["export"]), "--precisions", "fp32",
+                 "--torch-modes", "torch", "--repeat", "1", "--steps", str(STEPS), "--json", str(bench)]) == 0
+    b = json.loads(bench.read_text())
+    assert set(b["results"]) == {"torch", "ort-fp32"} and b["results"]["ort-fp32"]["ids_equal_torch"]
+    assert main(["demo", "--model", str(flow["model_dir"]), "--out", str(tmp_path / "demo"), "--precisions", "fp32",
+                 "--repeat", "1", "--steps", str(STEPS)]) == 0
+    assert (tmp_path / "demo" / "report.md").is_file() and (tmp_path / "demo" / "reconstructions.png").is_file()

@@ -95,8 +95,11 @@ def _pipelines(model: str, export_dir: str | None, precisions: list[str], torch_
 
 def run_bench(model: str = "default", export_dir: str | None = None, precisions: tuple[str, ...] = ("fp32",),
               torch_modes: tuple[str, ...] = ("torch", "torch-compile"), batch: int = 1, repeat: int = 5,
-              threads: int | None = None, progress: bool = True) -> dict[str, Any]:
-    """Time every backend on the same ids, images and seed; ratios are against PyTorch eager."""
+              threads: int | None = None, progress: bool = True, steps: int | None = None) -> dict[str, Any]:
+    """Time every backend on the same ids, images and seed; ratios are against PyTorch eager.
+
+    ``steps``: ODE steps of the decode (default: the model's; equal to an export's baked steps, the ORT
+    backends run the fused ODE graphs)."""
     from tqdm import tqdm
 
     from .data import HELDOUT_PHOTOS, fitting_crops, from_model_range, load_photo
@@ -104,7 +107,7 @@ def run_bench(model: str = "default", export_dir: str | None = None, precisions:
     pipes = _pipelines(model, export_dir, list(precisions), list(torch_modes), threads)
     base = pipes[next(iter(pipes))]
     cfg = base.config
-    settings = SamplerSettings.from_config(cfg)
+    settings = SamplerSettings.from_config(cfg, steps=steps)
     photos = [load_photo(n) for n in HELDOUT_PHOTOS]
     crops = fitting_crops(photos, cfg.img_size, per_image=max(1, batch // 2 + batch % 2))[0]
     crops = np.concatenate([crops] * -(-batch // len(crops)))[:batch]
@@ -126,7 +129,8 @@ def run_bench(model: str = "default", export_dir: str | None = None, precisions:
     for name, pipe in tqdm(list(pipes.items()), desc="bench", disable=not progress):
         eng = pipe.engine
         r: dict[str, Any] = {"backend": eng.backend, "precision": eng.precision}
-        r["detokenize"] = measure(lambda: pipe.detokenize(ids, seed=0, output="float"), 1, repeat)  # noqa: B023
+        decode = lambda: pipe.detokenize(ids, seed=0, steps=settings.steps, output="float")  # noqa: B023, E731
+        r["detokenize"] = measure(decode, 1, repeat)
         r["tokenize"] = measure(lambda: pipe.tokenize(crops), 1, repeat)  # noqa: B023
         stages = {}
         for stage, feeds in stage_inputs.items():
@@ -134,7 +138,7 @@ def run_bench(model: str = "default", export_dir: str | None = None, precisions:
             if eng.has(real):
                 stages[stage] = measure(lambda: eng.run(real, feeds), 1, repeat)  # noqa: B023
         r["stages"] = stages
-        images = pipe.detokenize(ids, seed=0, output="float")
+        images = pipe.detokenize(ids, seed=0, steps=settings.steps, output="float")
         if reference_images is None:
             reference_images = images
         r["psnr_vs_" + next(iter(pipes))] = psnr(from_model_range(reference_images), from_model_range(images))

@@ -119,7 +119,7 @@ def _cmd_bench(a: argparse.Namespace) -> int:
 
     report = run_bench(a.model, a.export, precisions=tuple(a.precisions.split(",")),
                        torch_modes=tuple(a.torch_modes.split(",")) if a.torch_modes else (), batch=a.batch,
-                       repeat=a.repeat, threads=a.threads)
+                       repeat=a.repeat, threads=a.threads, steps=a.steps)
     if a.json:
         Path(a.json).parent.mkdir(parents=True, exist_ok=True)
         Path(a.json).write_text(json.dumps(report, indent=2))
@@ -144,7 +144,7 @@ def _cmd_demo(a: argparse.Namespace) -> int:
     from .demo import run_demo
 
     precisions = tuple(p.strip() for p in a.precisions.split(",") if p.strip())
-    path = run_demo(a.out, a.model, precisions=precisions, repeat=a.repeat, threads=a.threads)
+    path = run_demo(a.out, a.model, precisions=precisions, repeat=a.repeat, threads=a.threads, steps=a.steps)
     print(f"report: {path}")
     return 0
 
@@ -279,6 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precisions", default="fp32,fp16,int8,int8-qdq")
     p.add_argument("--torch-modes", default="torch,torch-compile")
     p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--steps", type=int, default=None, help="ODE steps of the decode (default: the model's)")
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", help="write the full report here")
@@ -294,6 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="demo_out")
     p.add_argument("--model", default="default", help="model folder (a DC-AE model with its codec) or 'default'")
     p.add_argument("--precisions", default="fp32,fp16,int8,int8-qdq")
+    p.add_argument("--steps", type=int, default=None, help="ODE steps (default: the model's)")
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--threads", type=int, default=None)
     p.set_defaults(func=_cmd_demo)

@@ -21,8 +21,9 @@ def _fmt(x: float) -> str:
 
 
 def run_demo(out: str | Path, model: str = "default", precisions: tuple[str, ...] = PRECISIONS, repeat: int = 5,
-             threads: int | None = None) -> Path:
-    """Run the whole job; returns the path of ``report.md``."""
+             threads: int | None = None, steps: int | None = None) -> Path:
+    """Run the whole job; returns the path of ``report.md``. ``steps``: ODE steps baked into the graphs
+    and used by every decode (default: the model's)."""
     from .bench import plot, run_bench
     from .export import export_model, validate_folder
     from .pipeline import V2FlowPipeline
@@ -31,11 +32,11 @@ def run_demo(out: str | Path, model: str = "default", precisions: tuple[str, ...
     out.mkdir(parents=True, exist_ok=True)
     export_dir = out / "export"
     print(f"[1/4] exporting {model} to {export_dir} ({', '.join(precisions)})")
-    manifest = export_model(model, export_dir, precisions=precisions)
+    manifest = export_model(model, export_dir, precisions=precisions, steps=steps)
     print("[2/4] validating the graphs against PyTorch")
     validation = validate_folder(export_dir)
     print(f"[3/4] benchmarking (median of {repeat})")
-    report = run_bench(model, str(export_dir), precisions=precisions, repeat=repeat, threads=threads)
+    report = run_bench(model, str(export_dir), precisions=precisions, repeat=repeat, threads=threads, steps=steps)
     (out / "bench.json").write_text(json.dumps(report, indent=2))
     plot(report, out / "bench.png")
     ort_names = [n for n in report["results"] if n.startswith("ort-")]
@@ -45,7 +46,7 @@ def run_demo(out: str | Path, model: str = "default", precisions: tuple[str, ...
     pipe = V2FlowPipeline.from_pretrained(export_dir, backend="ort", precision=precision, threads=threads)
     cfg = pipe.config
     crops, _ = fitting_crops([load_photo(n) for n in HELDOUT_PHOTOS], cfg.img_size, per_image=8)
-    recon = pipe.reconstruct(crops, seed=0)
+    recon = pipe.reconstruct(crops, seed=0, steps=steps)
     ref = from_model_range(crops)
     base = from_model_range(grid_baseline(crops, cfg.grid_size))
     rows = [list(part[i:i + 8]) for i in range(0, min(len(ref), 16), 8) for part in (ref, base, recon)]

@@ -22,8 +22,8 @@ from .config import V2FlowConfig
 from .data import as_rgb, from_model_range, load_image, resize_center_crop
 from .engines.base import Engine
 from .errors import ArtifactError, BackendUnavailable, ImageError, ShapeError
-from .sampling import SamplerSettings, check_noise, check_orders, host_ode, sample_tokens
-from .stages import keep_indices
+from .sampling import SamplerSettings, check_noise, check_orders, host_ode, sample_tokens, seeded_randomness
+from .stages import BAKED_SAMPLER_FIELDS, baked_sampler, keep_indices
 
 BACKENDS = ("ort", "ort-cuda", "ort-tensorrt", "trt", "torch", "torch-compile", "torch-cudagraph")
 ImageInput = str | os.PathLike[str] | np.ndarray
@@ -161,25 +161,58 @@ class V2FlowPipeline:
     def _chunks(self, n: int) -> list[slice]:
         return [slice(i, min(n, i + self.max_batch)) for i in range(0, n, self.max_batch)]
 
-    def tokenize(self, images: ImageInput | Sequence[ImageInput]) -> np.ndarray:
-        """Images → visual token ids int64 [B, N] (deterministic)."""
+    def tokenize(self, images: ImageInput | Sequence[ImageInput], one_call: bool | None = None) -> np.ndarray:
+        """Images → visual token ids int64 [B, N] (deterministic).
+
+        ``one_call``: None uses the one-call ``tokenize`` graph when the engine has it (the same ids as the
+        stage path: ``validate`` checks it), False the codec_encode + tokenizer stages, True requires it.
+        """
         x = self.prepare(images)
+        fused = self._use_one_call("tokenize", one_call)
         ids = []
         for part in self._chunks(len(x)):
+            if fused:
+                ids.append(self.engine.run("tokenize", {"images": x[part]})["ids"])
+                continue
             latent = self.engine.run("codec_encode", {"images": x[part]})["latent"]
             ids.append(self.engine.run("tokenizer", {"latent": latent})["ids"])
         return np.concatenate(ids).astype(np.int64)
 
+    def _use_one_call(self, stage: str, wanted: bool | None, settings: SamplerSettings | None = None) -> bool:
+        """Whether a one-call graph serves this request: it exists and (detokenize) bakes ``settings``."""
+        if wanted is False:
+            return False
+        why = ""
+        if not self.engine.has(stage):
+            why = f"{self.engine.describe()} has no one-call {stage!r} graph"
+        elif settings is not None:
+            attrs = self.engine.spec(stage).attrs
+            baked = {k: attrs.get(k) for k in BAKED_SAMPLER_FIELDS}
+            asked = baked_sampler(settings)
+            if baked != asked:
+                diff = {k: (baked[k], asked[k]) for k in BAKED_SAMPLER_FIELDS if baked[k] != asked[k]}
+                why = f"its baked settings differ from the request (baked, asked): {diff}"
+        if why and wanted:
+            raise ArtifactError(f"one_call=True, but {why}")
+        return not why
+
     def detokenize(self, ids: np.ndarray, steps: int | None = None, solver: str | None = None,
                    cfg: float | None = None, seed: int | None = 0, temperature: float | None = None,
                    num_iter: int | None = None, cfg_mode: str | None = None, output: str = "uint8",
-                   orders: np.ndarray | None = None, noise: np.ndarray | None = None) -> np.ndarray:
+                   orders: np.ndarray | None = None, noise: np.ndarray | None = None,
+                   one_call: bool | None = None) -> np.ndarray:
         """ids [B, N] → images uint8 [B, S, S, 3] (or float [B, 3, S, S] in [-1, 1] with output='float').
 
         Randomness: ``seed`` (each chunk of ``max_batch`` images starting at image i is seeded ``seed + i``),
         or explicit ``orders`` int64 [B, N] (a permutation per row) and ``noise`` float32 [B, N, C] (each
         token's standard-normal initial noise), as ``sampling.sample_tokens`` takes them; either one
         replaces what the seed would draw. ``sampling.seeded_randomness`` gives what a seed stands for.
+
+        ``one_call``: None decodes each chunk with one call of the ``detokenize`` graph when the engine has
+        one baked with exactly these settings (``stages.BAKED_SAMPLER_FIELDS``), else through the loop;
+        False always loops; True requires the graph (ArtifactError naming the difference otherwise). Both
+        paths take their orders and noise from the same seeded generator, so the result does not depend
+        on which one ran (to floating-point rounding).
         """
         ids = np.asarray(ids)
         n, k = self.config.num_tokens, self.config.codebook_size
@@ -195,11 +228,16 @@ class V2FlowPipeline:
             check_orders(orders, len(ids), n)
         if noise is not None:
             check_noise(noise, len(ids), n, self.config.token_dim)
+        fused = self._use_one_call("detokenize", one_call, settings)
         ode = self.stages.ode_for(settings)
         images = []
         for part in self._chunks(len(ids)):
-            buffer = self.engine.run("token_embed", {"ids": ids[part].astype(np.int64)})["buffer"]
             chunk_seed = None if seed is None else seed + part.start
+            if fused:
+                feeds = self._one_call_feeds(ids[part], settings, chunk_seed, orders, noise, part)
+                images.append(self.engine.run("detokenize", feeds)["images"])
+                continue
+            buffer = self.engine.run("token_embed", {"ids": ids[part].astype(np.int64)})["buffer"]
             tokens = sample_tokens(self.stages, buffer, settings, chunk_seed, token_dim=self.config.token_dim, ode=ode,
                                    orders=None if orders is None else orders[part],
                                    noise=None if noise is None else noise[part])
@@ -208,6 +246,19 @@ class V2FlowPipeline:
             images.append(self.engine.run("codec_decode", {"latent": latent})["images"])
         out = np.clip(np.concatenate(images), -1.0, 1.0)
         return out if output == "float" else from_model_range(out)
+
+    def _one_call_feeds(self, ids: np.ndarray, settings: SamplerSettings, seed: int | None,
+                        orders: np.ndarray | None, noise: np.ndarray | None, part: slice) -> dict[str, np.ndarray]:
+        """The detokenize graph's inputs for one chunk: the caller's orders / noise, or the seed's."""
+        cfg = self.config
+        if orders is None or noise is None:
+            drawn = seeded_randomness(seed, len(ids), cfg.num_tokens, cfg.token_dim, settings.num_iter)
+        feeds = {"ids": np.ascontiguousarray(ids, dtype=np.int64),
+                 "orders": np.ascontiguousarray(drawn[0] if orders is None else orders[part]),
+                 "noise": np.ascontiguousarray(drawn[1] if noise is None else noise[part])}
+        if settings.guided:
+            feeds["cfg_scale"] = np.array([settings.cfg_scale], dtype=np.float32)
+        return feeds
 
     def reconstruct(self, images: ImageInput | Sequence[ImageInput], **sampling: Any) -> np.ndarray:
         """Images → tokens → images (uint8 [B, S, S, 3]); ``sampling`` as for ``detokenize``."""

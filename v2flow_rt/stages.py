@@ -16,6 +16,9 @@ Stages (shapes for a config with N tokens of C values, encoder width D, decoder 
 | ``ode`` | noise [M,C], z [M,Dz] → x0 [M,C] (all solver steps in one graph) |
 | ``ode_cfg`` | noise [M,C], z [M,Dz], z_uncond [M,Dz], cfg_scale [1] → x0 [M,C] (guided) |
 | ``codec_decode`` | latent [B,C,g,g] → images [B,3,H,W] |
+| ``tokenize`` | images [B,3,H,W] → ids [B,N] int64: codec_encode and tokenizer in one graph |
+| ``detokenize`` | ids [B,N], orders [B,N] int64, noise [B,N,C] (, cfg_scale [1]) → images [B,3,H,W]: the whole |
+| | decode in one graph (every masked-AR iteration and solver step unrolled; ``reference.one_call``) |
 
 ``keep_idx`` lists, per sample and in increasing order, the positions of the [buffer; tokens] sequence
 that the encoder sees (the whole buffer, then the known tokens at N + position), so the graph has no
@@ -31,6 +34,7 @@ import numpy as np
 
 from .config import V2FlowConfig
 from .errors import ShapeError
+from .sampling import SamplerSettings, mask_lengths, tokens_per_iteration
 
 Dim = int | str
 
@@ -98,6 +102,8 @@ class StageSpec:
                 feeds[t.name] = np.stack(rows).astype(np.int64)
             elif t.name == "t":
                 feeds[t.name] = (rng.random(shape) * 1000.0).astype(np.float32)
+            elif t.name == "orders":
+                feeds[t.name] = np.stack([rng.permutation(shape[1]) for _ in range(shape[0])]).astype(np.int64)
             elif t.name == "cfg_scale":
                 feeds[t.name] = np.array([1.0 + 3.0 * rng.random()], dtype=np.float32)
             elif t.name == "images":
@@ -141,19 +147,46 @@ def keep_indices(mask: np.ndarray, buffer_size: int) -> np.ndarray:
 
 
 STAGE_NAMES = ("codec_encode", "tokenizer", "token_embed", "mar_step", "velocity", "ode", "ode_cfg",
-               "codec_decode")
+               "codec_decode", "tokenize", "detokenize")
+ONE_CALL_STAGES = ("tokenize", "detokenize")
+# What a one-call detokenize graph bakes in: a request must ask for exactly these to be served by it.
+BAKED_SAMPLER_FIELDS = ("num_iter", "steps", "solver", "shift", "cfg_mode", "cfg_schedule", "temperature", "guided")
+
+
+def baked_sampler(settings: SamplerSettings) -> dict[str, Any]:
+    """The settings a detokenize graph bakes in, as recorded in its spec's attrs (guidance: on or off; the
+    scale itself is an input of a guided graph)."""
+    return {"num_iter": settings.num_iter, "steps": settings.steps, "solver": settings.solver,
+            "shift": float(settings.shift), "cfg_mode": settings.cfg_mode, "cfg_schedule": settings.cfg_schedule,
+            "temperature": float(settings.temperature), "guided": settings.guided}
 
 
 def stage_specs(cfg: V2FlowConfig, max_batch: int = 16, opt_batch: int = 1, steps: int | None = None,
-                solver: str | None = None, shift: float | None = None) -> dict[str, StageSpec]:
-    """Every stage spec for a config. Token-row dims (M) range up to ``max_batch`` images' worth."""
+                solver: str | None = None, shift: float | None = None, num_iter: int | None = None,
+                cfg_scale: float | None = None, cfg_mode: str | None = None, cfg_schedule: str | None = None,
+                temperature: float | None = None) -> dict[str, StageSpec]:
+    """Every stage spec for a config. Token-row dims (M) range up to ``max_batch`` images' worth.
+
+    The sampler settings (default: the config's) are baked into ``ode``/``ode_cfg`` (solver, steps,
+    shift) and into the one-call ``detokenize`` (all of ``BAKED_SAMPLER_FIELDS``; a guided one takes
+    ``cfg_scale`` as an input).
+    """
     n, c, g = cfg.num_tokens, cfg.token_dim, cfg.grid_size
     d, dz, hw = cfg.encoder_dim, cfg.decoder_dim, cfg.img_size
     batch = (1, opt_batch, max_batch)
     rows = (1, max(1, opt_batch * n // cfg.num_iter), max_batch * n)
     common = {"codebook_size": cfg.codebook_size, "buffer_size": cfg.buffer_size, "num_tokens": n}
-    ode_attrs = {"solver": solver or cfg.solver, "steps": steps or cfg.ode_steps,
-                 "shift": shift if shift is not None else cfg.time_shift}
+    sampler = SamplerSettings.from_config(cfg, steps=steps, solver=solver, shift=shift, num_iter=num_iter,
+                                          cfg_scale=cfg_scale, cfg_mode=cfg_mode, cfg_schedule=cfg_schedule,
+                                          temperature=temperature)
+    ode_attrs = {"solver": sampler.solver, "steps": sampler.steps, "shift": sampler.shift}
+    baked = {**baked_sampler(sampler), "tokens_per_iteration": tokens_per_iteration(n, sampler.num_iter),
+             "mask_lengths": mask_lengths(n, sampler.num_iter)}
+    detok_in: list[tuple[str, str, tuple[Dim, ...]]] = [("ids", "int64", ("batch", n)),
+                                                        ("orders", "int64", ("batch", n)),
+                                                        ("noise", "float32", ("batch", n, c))]
+    if sampler.guided:
+        detok_in.append(("cfg_scale", "float32", (1,)))
     f32, i64 = "float32", "int64"
 
     def spec(name: str, ins: list[tuple[str, str, tuple[Dim, ...]]], outs: list[tuple[str, str, tuple[Dim, ...]]],
@@ -183,4 +216,8 @@ def stage_specs(cfg: V2FlowConfig, max_batch: int = 16, opt_batch: int = 1, step
                         [("x0", f32, ("rows", c))], {"rows": rows}, **ode_attrs),
         "codec_decode": spec("codec_decode", [("latent", f32, ("batch", c, g, g))],
                              [("images", f32, ("batch", 3, hw, hw))], {"batch": batch}),
+        "tokenize": spec("tokenize", [("images", f32, ("batch", 3, hw, hw))], [("ids", i64, ("batch", n))],
+                         {"batch": batch}),
+        "detokenize": spec("detokenize", detok_in, [("images", f32, ("batch", 3, hw, hw))], {"batch": batch},
+                           **baked),
     }

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..reference.model import V2Flow
-from ..sampling import SamplerSettings, host_ode, sample_tokens
+from ..sampling import SamplerSettings, host_ode, sample_tokens, seeded_randomness
 from ..stages import keep_indices
 
 Feeds = dict[str, np.ndarray]
@@ -78,7 +78,8 @@ def record_stage_inputs(model: V2Flow, modules: dict[str, nn.Module], images: np
 
     Returns:
         stage name → list of feed dicts (numpy), one per call, in the stage's input names. ``codec_decode``
-        gets the photos' own latents (real latents, not sampled ones).
+        gets the photos' own latents (real latents, not sampled ones); ``detokenize`` the photos' ids with
+        the orders and noise of ``seeded_randomness(seed + first image)`` (``cfg_scale`` when guided).
     """
     record: dict[str, list[Feeds]] = defaultdict(list)
     if images is None or "codec_encode" not in modules:
@@ -98,6 +99,12 @@ def record_stage_inputs(model: V2Flow, modules: dict[str, nn.Module], images: np
         record["codec_decode"].append({"latent": latent.numpy()})
         ids = model.tokenize(latent)
         record["token_embed"].append({"ids": ids.numpy()})
+        record["tokenize"].append({"images": imgs})
+        orders, noise = seeded_randomness(seed + start, len(imgs), cfg.num_tokens, cfg.token_dim, settings.num_iter)
+        detok = {"ids": ids.numpy(), "orders": orders, "noise": noise}
+        if settings.guided:
+            detok["cfg_scale"] = np.array([settings.cfg_scale], dtype=np.float32)
+        record["detokenize"].append(detok)
         buffer = model.embed_ids(ids).numpy()
         for run_settings in runs:
             if run_settings.guided and start > 0:   # the first batch's guided run covers ode_cfg's ranges

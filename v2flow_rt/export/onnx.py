@@ -53,11 +53,12 @@ from ..reference.checkpoint import from_pretrained, resolve_model_path
 from ..reference.model import V2Flow
 from ..reference.stage_modules import Codec, codec_available, stage_modules
 from ..sampling import SamplerSettings
-from ..stages import STAGE_NAMES, StageSpec, stage_specs
+from ..stages import ONE_CALL_STAGES, STAGE_NAMES, StageSpec, stage_specs
 from .calibration import photo_crops, record_stage_inputs, train_crops
 from .precision import EXTERNAL_DATA_BYTES, convert_stage, graph_files, ort_session
 
 CODEC_STAGES = ("codec_encode", "codec_decode")
+NEEDS_CODEC = CODEC_STAGES + ONE_CALL_STAGES
 
 
 def state_sha256(model: torch.nn.Module) -> str:
@@ -101,9 +102,10 @@ def export_graph(module: torch.nn.Module, spec: StageSpec, path: Path, opset: in
     """Export one stage module to ``path`` (checked by path, shapes inferred); return the files written.
 
     ``optimize``: run the exporter's onnxscript optimizer. Third-party modules are exported without it
-    (``CODEC_STAGES``): its add-zero rewrite matches constants within 1e-8 of zero, so DC-AE's linear
-    attention ``num / (den + 1e-15)`` loses its epsilon and gives 0/0 = NaN where ReLU zeroes a whole
-    key set (measured with onnxscript 0.7.2). ONNX Runtime and TensorRT optimise the graph at load anyway.
+    (DC-AE, in the codec and one-call stages): its add-zero rewrite matches constants within 1e-8 of
+    zero, so DC-AE's linear attention ``num / (den + 1e-15)`` loses its epsilon and gives 0/0 = NaN where
+    ReLU zeroes a whole key set (measured with onnxscript 0.7.2). ONNX Runtime and TensorRT optimise the
+    graph at load anyway.
     """
     args = export_inputs(spec, rng)
     try:
@@ -254,13 +256,13 @@ def export_model(model: V2Flow | str | os.PathLike[str], out_dir: str | os.PathL
         raise ExportError(f"unknown stage(s) {unknown}; stages are {list(STAGE_NAMES)}")
     notes: list[str] = []
     codec: Codec | None = None
-    if any(s in CODEC_STAGES for s in wanted):
+    if any(s in NEEDS_CODEC for s in wanted):
         codec, why = codec_available(cfg, dcae_path)
         if codec is None:
             if stages is not None:
                 raise ExportError(f"cannot export the codec stages: {why}")
-            wanted = [s for s in wanted if s not in CODEC_STAGES]
-            notes.append(f"codec stages not exported: {why}")
+            wanted = [s for s in wanted if s not in NEEDS_CODEC]
+            notes.append(f"codec and one-call stages not exported: {why}")
     specs = {s: specs_all[s] for s in wanted}
     stage_options = {"max_batch": max_batch, "steps": int(specs_all["ode"].attrs["steps"]),
                      "solver": str(specs_all["ode"].attrs["solver"]), "shift": float(specs_all["ode"].attrs["shift"])}
@@ -268,7 +270,7 @@ def export_model(model: V2Flow | str | os.PathLike[str], out_dir: str | os.PathL
                                            shift=stage_options["shift"])
     # Every stage module, exported or not: recording real-photo inputs runs the whole fp32 pipeline.
     modules = stage_modules(net, {s: sp for s, sp in specs_all.items()
-                                  if s not in CODEC_STAGES or codec is not None}, codec)
+                                  if s not in NEEDS_CODEC or codec is not None}, codec)
     rng = np.random.default_rng(seed)
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -287,7 +289,8 @@ def export_model(model: V2Flow | str | os.PathLike[str], out_dir: str | os.PathL
             manifest.files["fp32"] = {}
             for name in _progress(list(specs), progress, "export fp32"):
                 rel = f"{name}.fp32.onnx"
-                export_graph(modules[name], specs[name], tmp / rel, opset, rng, optimize=name not in CODEC_STAGES)
+                third_party = cfg.codec == "dcae" and name in NEEDS_CODEC     # DC-AE inside (see export_graph)
+                export_graph(modules[name], specs[name], tmp / rel, opset, rng, optimize=not third_party)
                 manifest.files["fp32"][name] = rel
             clock.lap("export fp32")
             # 2. fp32 parity, on random inputs and on held-out photo crops through the stages

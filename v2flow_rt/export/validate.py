@@ -245,7 +245,9 @@ def measure_quality(folder: Path, model: V2Flow, images: np.ndarray, settings: A
     precision=...)`` tokenizes ``images`` (held-out photo crops [B,3,H,W] in [-1,1]) and detokenizes the
     ids with ``settings``' solver and steps (the fused ODE graph) and the same ``seed`` for every precision.
     The fp32 entry also records PyTorch's PSNR on the same path, its id agreement with PyTorch, how many
-    of the disagreeing ids are not ties, and the fraction of tokens whose best code is tied.
+    of the disagreeing ids are not ties, and the fraction of tokens whose best code is tied. With one-call
+    graphs, ``one_call`` holds their PSNR, their PSNR against the loop's images (same ids, orders and
+    noise) and the one-call tokenize's id agreement with the stage path.
     """
     import os
 
@@ -276,14 +278,20 @@ def measure_quality(folder: Path, model: V2Flow, images: np.ndarray, settings: A
     for precision in manifest.precisions:
         t0 = time.perf_counter()
         pipe = V2FlowPipeline.from_pretrained(folder, backend="ort", precision=precision, threads=threads)
-        ids = pipe.tokenize(images)
-        recon = pipe.detokenize(ids, steps=settings.steps, solver=settings.solver, seed=seed)   # uint8 [B,H,W,3]
+        ids = pipe.tokenize(images, one_call=False)
+        recon = pipe.detokenize(ids, steps=settings.steps, solver=settings.solver, seed=seed,
+                                one_call=False)                                           # uint8 [B,H,W,3]
         value = psnr(recon, original)
         if ids_fp32 is None:   # fp32 comes first
             ids_fp32, psnr_fp32 = ids, value
         fig: dict[str, Any] = {"images": int(images.shape[0]), "psnr": value, "psnr_delta_vs_fp32": value - psnr_fp32,
                                "token_agreement": float((ids == ids_fp32).mean()),
                                "seconds": time.perf_counter() - t0}
+        if pipe.engine.has("detokenize") and pipe.engine.has("tokenize"):
+            ids1 = pipe.tokenize(images, one_call=True)
+            recon1 = pipe.detokenize(ids, steps=settings.steps, solver=settings.solver, seed=seed, one_call=True)
+            fig["one_call"] = {"psnr": psnr(recon1, original), "psnr_vs_loop": psnr(recon1, recon),
+                               "token_agreement_with_stage_path": float((ids1 == ids).mean())}
         if precision == "fp32":
             fig["token_agreement_pytorch"] = float((ids == ids_torch).mean())
             # flips among (near-)duplicate codes are ties, not errors (see TIE_EPS)

@@ -27,8 +27,9 @@ from torch import nn
 
 from ..config import V2FlowConfig
 from ..errors import BackendUnavailable, ExportError
+from ..sampling import SamplerSettings
 from ..sampling.solvers import SOLVER_FUNCS, sigma_grid
-from ..stages import STAGE_NAMES, StageSpec
+from ..stages import BAKED_SAMPLER_FIELDS, ONE_CALL_STAGES, STAGE_NAMES, StageSpec
 from .codecs import DCAECodec, PatchCodec, build_codec
 from .model import V2Flow
 from .resampler import l2norm
@@ -204,6 +205,17 @@ def stage_module(name: str, model: V2Flow, spec: StageSpec, codec: Codec | None 
     elif name in ("ode", "ode_cfg"):
         cls = Ode if name == "ode" else OdeCfg
         mod = cls(model, str(spec.attrs["solver"]), int(spec.attrs["steps"]), float(spec.attrs["shift"]))
+    elif name in ONE_CALL_STAGES:
+        from .one_call import Detokenize, Tokenize
+
+        if codec is None:
+            codec = build_codec(model.config)
+        if name == "tokenize":
+            mod = Tokenize(model, codec)
+        else:
+            fields = {k: spec.attrs[k] for k in BAKED_SAMPLER_FIELDS if k != "guided"}
+            settings = SamplerSettings(**fields, cfg_scale=2.0 if spec.attrs["guided"] else 1.0)
+            mod = Detokenize(model, codec, settings)
     else:
         raise ExportError(f"unknown stage {name!r}; stages are {list(STAGE_NAMES)}")
     return mod.eval()

@@ -3,6 +3,7 @@
 from .loop import (
     SamplerSettings,
     Stages,
+    cfg_weight,
     check_noise,
     check_orders,
     guided_velocity,
@@ -15,7 +16,7 @@ from .schedule import mask_from_order, mask_lengths, random_orders, tokens_per_i
 from .solvers import evaluations, integrate, sigma_grid
 
 __all__ = [
-    "SamplerSettings", "Stages", "check_noise", "check_orders", "evaluations", "guided_velocity", "host_ode",
-    "integrate", "iteration_cfg_scale", "mask_from_order", "mask_lengths", "random_orders", "sample_tokens",
+    "SamplerSettings", "Stages", "cfg_weight", "check_noise", "check_orders", "evaluations", "guided_velocity",
+    "host_ode", "integrate", "iteration_cfg_scale", "mask_from_order", "mask_lengths", "random_orders", "sample_tokens",
     "seeded_randomness", "sigma_grid", "tokens_per_iteration",
 ]

@@ -225,9 +225,13 @@ def sample_tokens(stages: Stages, buffer: np.ndarray, settings: SamplerSettings,
     return tokens
 
 
+def cfg_weight(schedule: str, seq_len: int, next_len: int) -> float:
+    """w in ``scale = 1 + (cfg_scale − 1)·w`` for an iteration that leaves ``next_len`` tokens masked: 1 for a
+    constant schedule, the fraction of known tokens after it for MAR's linear one."""
+    return (seq_len - next_len) / seq_len if schedule == "linear" else 1.0
+
+
 def iteration_cfg_scale(settings: SamplerSettings, seq_len: int, next_len: int) -> float:
     """The guidance scale of an iteration that leaves ``next_len`` tokens masked (MAR's linear schedule
     raises it from 1 as tokens become known; constant otherwise)."""
-    if settings.cfg_schedule == "linear":
-        return 1.0 + (settings.cfg_scale - 1.0) * (seq_len - next_len) / seq_len
-    return settings.cfg_scale
+    return 1.0 + (settings.cfg_scale - 1.0) * cfg_weight(settings.cfg_schedule, seq_len, next_len)
