@@ -31,8 +31,8 @@ def test_repository_of_the_stage_graphs_matches_the_manifest(default_export, tmp
         cfg = _parse((repo / stage / "config.pbtxt").read_text())
         spec = m.spec(stage)
         assert cfg.name == stage and cfg.platform == "onnxruntime_onnx"
-        batched = stage != "ode_cfg"                         # cfg_scale [1] does not lead with the batch dim
-        lead = spec.inputs[0].shape[0]
+        lead = spec.inputs[0].shape[0]                       # cfg_scale [1] does not lead with it: unbatched
+        batched = all(t.shape and t.shape[0] == lead for t in spec.inputs + spec.outputs)
         assert cfg.max_batch_size == (spec.dims[lead][2] if batched else 0)
         assert cfg.HasField("dynamic_batching") == batched
         for got, want in [*zip(cfg.input, spec.inputs), *zip(cfg.output, spec.outputs)]:
@@ -43,15 +43,35 @@ def test_repository_of_the_stage_graphs_matches_the_manifest(default_export, tmp
         assert len(cfg.input) == len(spec.inputs) and len(cfg.output) == len(spec.outputs)
         graph = repo / stage / "1" / "model.onnx"
         assert file_sha256(graph) == m.sha256[m.files["fp32"][stage]]
+    assert cfg_batched(repo, "tokenizer") and not cfg_batched(repo, "ode_cfg")
     # the copied graph runs under the names and shapes the config declares
     sess = ort.InferenceSession(str(repo / "tokenizer" / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
     feeds = m.spec("tokenizer").sample_inputs(np.random.default_rng(0), batch=3)
     assert sess.run(["ids"], feeds)[0].shape == (3, m.config.num_tokens)
 
 
+def cfg_batched(repo, stage: str) -> bool:
+    return _parse((repo / stage / "config.pbtxt").read_text()).max_batch_size > 0
+
+
 def test_one_call_graphs_are_the_default_and_bad_requests_are_named(default_export, tmp_path) -> None:
+    import os
+
+    assert write_repository(default_export, tmp_path / "r0") == ["tokenize", "detokenize"]
+    assert cfg_batched(tmp_path / "r0", "tokenize")
+    # an export without the one-call graphs (made before they existed) must name the graphs to serve
+    m = Manifest.load(default_export)
+    old = tmp_path / "old_export"
+    old.mkdir()
+    for stage in ("tokenize", "detokenize"):
+        m.stages.pop(stage)
+        for per in m.files.values():
+            m.sha256.pop(per.pop(stage, ""), None)
+    for rel in m.sha256:
+        os.link(default_export / rel, old / rel)
+    m.write(old)
     with pytest.raises(ServingError, match=r"no one-call graph\(s\) \['tokenize', 'detokenize'\]"):
-        write_repository(default_export, tmp_path / "r1")
+        write_repository(old, tmp_path / "r1")
     with pytest.raises(ServingError, match="no stage"):
         write_repository(default_export, tmp_path / "r2", stages=["decoder"])
     with pytest.raises(ServingError, match="no TensorRT plan of 'tokenizer'"):

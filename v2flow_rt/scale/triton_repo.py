@@ -28,8 +28,8 @@ from typing import Any
 
 from ..errors import ServingError
 from ..manifest import Manifest
+from ..stages import ONE_CALL_STAGES as ONE_CALL
 
-ONE_CALL = ("tokenize", "detokenize")
 PLATFORMS = ("onnxruntime_onnx", "tensorrt_plan")
 TRITON_DTYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "bfloat16": "TYPE_BF16", "int64": "TYPE_INT64",
                  "int32": "TYPE_INT32", "int16": "TYPE_INT16", "int8": "TYPE_INT8", "uint8": "TYPE_UINT8",
