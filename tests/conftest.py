@@ -39,3 +39,14 @@ def official_small_config():
 
     return get_preset("base-256", encoder_depth=1, decoder_depth=1, flow_depth=2, resampler_depth=1,
                       readout_depth=1, llm_vocab_size=2048, llm_dim=512, codebook_size=1024)
+
+
+@pytest.fixture(scope="session")
+def default_export(tmp_path_factory):
+    """The bundled default model exported at fp32 (every stage; parity and quality checks skipped: the
+    export tests cover them). Shared by the dataset and serving tests."""
+    from v2flow_rt.export import export_model
+
+    folder = tmp_path_factory.mktemp("default_export") / "export"
+    export_model("default", folder, precisions=("fp32",), progress=False, validate=False, quality=False)
+    return folder

@@ -360,6 +360,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .llm.commands import add_commands as add_llm_commands  # train-llm, export-llm, generate
     add_llm_commands(sub)
+    from .scale.commands import add_commands as add_scale_commands  # tokenize-dataset, serve, triton-repo, ...
+    add_scale_commands(sub)
     return parser
 
 

@@ -11,6 +11,7 @@ Array conventions: an image is ``uint8 [H, W, 3]`` RGB; a model batch is ``float
 from __future__ import annotations
 
 import importlib.util
+import io
 import os
 import struct
 import tempfile
@@ -130,21 +131,31 @@ def load_image(path: str | os.PathLike[str], min_size: int = 1) -> np.ndarray:
         raise ImageError(f"{p}: no such file")
     if os.path.isdir(p):
         raise ImageError(f"{p}: is a directory, expected an image file")
+    return _decode(p, p, min_size)
+
+
+def decode_image(data: bytes, name: str, min_size: int = 1) -> np.ndarray:
+    """``load_image`` for the bytes of an image file (a Parquet cell, a tar member); ``name`` is what
+    errors call it. Raises ImageError as ``load_image`` does."""
+    return _decode(io.BytesIO(data), name, min_size)
+
+
+def _decode(source: str | io.BytesIO, name: str, min_size: int) -> np.ndarray:
     try:
-        with Image.open(p) as f:
+        with Image.open(source) as f:
             f.load()  # decode now: a truncated file fails here, not later in a worker
-            arr = _to_rgb(ImageOps.exif_transpose(f), p)
+            arr = _to_rgb(ImageOps.exif_transpose(f), name)
     except ImageError:
         raise
     except Image.UnidentifiedImageError as e:
-        raise ImageError(f"{p}: not an image file PIL can read") from e
+        raise ImageError(f"{name}: not an image file PIL can read") from e
     except Image.DecompressionBombError as e:
-        raise ImageError(f"{p}: image too large to decode safely ({e})") from e
+        raise ImageError(f"{name}: image too large to decode safely ({e})") from e
     except _DECODE_ERRORS as e:
-        raise ImageError(f"{p}: truncated or corrupt image ({type(e).__name__}: {e})") from e
+        raise ImageError(f"{name}: truncated or corrupt image ({type(e).__name__}: {e})") from e
     h, w = arr.shape[:2]
     if min(h, w) < min_size:
-        raise ImageError(f"{p}: image is {w}x{h} pixels, expected both sides >= {min_size}")
+        raise ImageError(f"{name}: image is {w}x{h} pixels, expected both sides >= {min_size}")
     return arr
 
 

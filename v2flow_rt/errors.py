@@ -53,3 +53,12 @@ class BackendUnavailable(V2FlowError):
 
 class LLMError(V2FlowError, ValueError):
     """The LLM stage got an input it cannot use (layout, vocabulary, prompt length, token count)."""
+
+
+class DatasetError(V2FlowError):
+    """A dataset job cannot run: a source that is not a dataset, duplicate keys, an output folder written by
+    another tokenizer, or input rows that never came back (names the folder, file or key)."""
+
+
+class ServingError(V2FlowError):
+    """The Triton server cannot start or a model repository cannot be written (names what is missing)."""

@@ -58,6 +58,43 @@ def checkpoint_sha256(path: str | os.PathLike[str]) -> str:
     return file_sha256(p)
 
 
+# What decides an image's visual tokens and what each token stands for: the resampler, the LLM table it
+# mixes and the codebook (weights), and the config fields that shape its input. The projector, masked
+# transformer and velocity MLP are not in it: retraining only the decoder keeps an LM valid. A DC-AE
+# codec's weights live in their own folder and are not covered.
+_TOKENIZER_PREFIX = "downsampler."
+_TOKENIZER_NAMES = ("llm_embed_tokens", "quantizer._codebook.embed")
+_TOKENIZER_CONFIG = ("img_size", "codec", "codec_stride", "latent_channels", "latent_scale", "resampler_offset",
+                     "resampler_hidden", "resampler_depth", "readout_depth", "codebook_size", "llm_dim",
+                     "llm_vocab_size")
+
+
+def tokenizer_sha256(v2flow_model: Any) -> str:
+    """sha256 over a V2Flow model's tokenizer (see ``_TOKENIZER_NAMES``): a ``V2Flow`` instance, or a
+    folder written by ``save_pretrained`` / ``"default"`` (read with numpy; the folder's path is
+    resolved through ``reference.checkpoint``). An export records it in its manifest (``tokenizer_sha256``)."""
+    if isinstance(v2flow_model, (str, os.PathLike)):
+        from safetensors.numpy import load_file
+
+        from .reference.checkpoint import CONFIG_NAME, WEIGHTS_NAME, resolve_model_path
+        folder = resolve_model_path(os.fspath(v2flow_model))
+        config = json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8"))
+        tensors = load_file(folder / WEIGHTS_NAME)
+    else:
+        config = v2flow_model.config.to_dict()
+        tensors = {k: v.detach().cpu().numpy() for k, v in v2flow_model.state_dict().items() if _in_tokenizer(k)}
+    h = hashlib.sha256(json.dumps({k: config.get(k) for k in _TOKENIZER_CONFIG}, sort_keys=True).encode())
+    for name in sorted(filter(_in_tokenizer, tensors)):
+        a = np.ascontiguousarray(tensors[name])
+        h.update(f"{name}|{a.dtype.str}|{a.shape}|".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def _in_tokenizer(name: str) -> bool:
+    return name.startswith(_TOKENIZER_PREFIX) or name in _TOKENIZER_NAMES
+
+
 # ----------------------------------------------------------------------------- stage records
 
 def record_stage(spec: StageSpec) -> dict[str, Any]:
@@ -108,6 +145,8 @@ class Manifest:
         opset: ONNX opset of the graphs.
         source_checkpoint_sha256: ``checkpoint_sha256`` of the exported checkpoint (or of its state dict).
         source_checkpoint: the checkpoint path at export time ("" for an in-memory model).
+        tokenizer_sha256: ``tokenizer_sha256`` of the exported model: the fingerprint of the ids its
+            tokenizer gives ("" in folders exported before it was recorded).
         versions: package, torch, onnx, onnxruntime, python versions at export.
         parity: precision → stage → {"random": {...}, "photo": {...}} max abs/rel errors vs PyTorch.
         quality: precision → {"token_agreement", "psnr", ...} on held-out photo crops.
@@ -127,6 +166,7 @@ class Manifest:
     source_checkpoint_sha256: str
     stage_options: dict[str, Any] = field(default_factory=dict)
     source_checkpoint: str = ""
+    tokenizer_sha256: str = ""
     versions: dict[str, str] = field(default_factory=dict)
     parity: dict[str, dict[str, Any]] = field(default_factory=dict)
     quality: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -208,6 +248,7 @@ class Manifest:
             "format_version": FORMAT_VERSION, "config": self.config.to_dict(), "stages": self.stages,
             "stage_options": self.stage_options, "files": self.files, "sha256": self.sha256, "opset": self.opset,
             "source_checkpoint_sha256": self.source_checkpoint_sha256, "source_checkpoint": self.source_checkpoint,
+            "tokenizer_sha256": self.tokenizer_sha256,
             "versions": self.versions, "parity": self.parity, "quality": self.quality,
             "precision_notes": self.precision_notes, "constants": self.constants, "notes": self.notes,
             "packages": self.packages,
@@ -233,8 +274,8 @@ class Manifest:
         if not (isinstance(files, dict) and all(isinstance(v, dict) for v in files.values())
                 and isinstance(sha, dict)):
             raise ArtifactError(f"{where}: 'files' must map precision → stage → file and 'sha256' file → hash")
-        optional = ("stage_options", "source_checkpoint", "versions", "parity", "quality", "precision_notes",
-                    "constants", "notes", "packages", "timings", "created")
+        optional = ("stage_options", "source_checkpoint", "tokenizer_sha256", "versions", "parity", "quality",
+                    "precision_notes", "constants", "notes", "packages", "timings", "created")
         return cls(config=config, stages=data["stages"], files=files, sha256=sha, opset=int(data["opset"]),
                    source_checkpoint_sha256=str(data["source_checkpoint_sha256"]),
                    **{k: data[k] for k in optional if k in data})

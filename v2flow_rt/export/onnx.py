@@ -39,7 +39,16 @@ import torch
 
 from .. import __version__
 from ..errors import ExportError, V2FlowError
-from ..manifest import MANIFEST_NAME, PRECISIONS, Manifest, checkpoint_sha256, current_umask, file_sha256, record_stage
+from ..manifest import (
+    MANIFEST_NAME,
+    PRECISIONS,
+    Manifest,
+    checkpoint_sha256,
+    current_umask,
+    file_sha256,
+    record_stage,
+    tokenizer_sha256,
+)
 from ..reference.checkpoint import from_pretrained, resolve_model_path
 from ..reference.model import V2Flow
 from ..reference.stage_modules import Codec, codec_available, stage_modules
@@ -281,6 +290,7 @@ def export_model(model: V2Flow | str | os.PathLike[str], out_dir: str | os.PathL
             manifest = Manifest(config=cfg, stages={s: record_stage(specs[s]) for s in specs}, files={}, sha256={},
                                 opset=opset, source_checkpoint_sha256=source_sha, stage_options=stage_options,
                                 source_checkpoint=source_path, versions=versions(), notes=notes,
+                                tokenizer_sha256=tokenizer_sha256(net),
                                 constants={"fake_latent": net.fake_latent.detach().float().reshape(-1).tolist()})
             manifest.folder = tmp
             clock = _Clock(manifest.timings)

@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import LLMError
+from ..manifest import tokenizer_sha256  # noqa: F401  (re-exported: LMs record it in v2flow.json)
 from .base_lm import replace_dir
 
 META_NAME = "v2flow.json"
@@ -170,42 +171,6 @@ def weights_sha256(v2flow_model: Any) -> str:
         from ..reference.checkpoint import WEIGHTS_NAME, resolve_model_path
         return file_sha256(resolve_model_path(os.fspath(v2flow_model)) / WEIGHTS_NAME)
     return v2flow_sha256(v2flow_model)
-
-
-# What decides an image's visual tokens and what each token stands for: the resampler, the LLM table it
-# mixes and the codebook (weights), and the config fields that shape its input. The projector, masked
-# transformer and velocity MLP are not in it: retraining only the decoder keeps an LM valid. A DC-AE
-# codec's weights live in their own folder and are not covered.
-_TOKENIZER_PREFIX = "downsampler."
-_TOKENIZER_NAMES = ("llm_embed_tokens", "quantizer._codebook.embed")
-_TOKENIZER_CONFIG = ("img_size", "codec", "codec_stride", "latent_channels", "latent_scale", "resampler_offset",
-                     "resampler_hidden", "resampler_depth", "readout_depth", "codebook_size", "llm_dim",
-                     "llm_vocab_size")
-
-
-def tokenizer_sha256(v2flow_model: Any) -> str:
-    """sha256 over a V2Flow model's tokenizer (see ``_TOKENIZER_NAMES``): a ``V2Flow`` instance, or a
-    folder written by ``save_pretrained`` / ``"default"`` (read with numpy, no torch needed)."""
-    if isinstance(v2flow_model, (str, os.PathLike)):
-        from safetensors.numpy import load_file
-
-        from ..reference.checkpoint import CONFIG_NAME, WEIGHTS_NAME, resolve_model_path
-        folder = resolve_model_path(os.fspath(v2flow_model))
-        config = json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8"))
-        tensors = load_file(folder / WEIGHTS_NAME)
-    else:
-        config = v2flow_model.config.to_dict()
-        tensors = {k: v.detach().cpu().numpy() for k, v in v2flow_model.state_dict().items() if _in_tokenizer(k)}
-    h = hashlib.sha256(json.dumps({k: config.get(k) for k in _TOKENIZER_CONFIG}, sort_keys=True).encode())
-    for name in sorted(filter(_in_tokenizer, tensors)):
-        a = np.ascontiguousarray(tensors[name])
-        h.update(f"{name}|{a.dtype.str}|{a.shape}|".encode())
-        h.update(a.tobytes())
-    return h.hexdigest()
-
-
-def _in_tokenizer(name: str) -> bool:
-    return name.startswith(_TOKENIZER_PREFIX) or name in _TOKENIZER_NAMES
 
 
 # --------------------------------------------------------------------------------------------------
