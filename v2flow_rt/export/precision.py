@@ -361,7 +361,8 @@ def quantize_int8(src: Path, dst: Path, mode: str, feeds: Sequence[Feeds] = (),
 
 def _argmax_ladder(model: onnx.ModelProto) -> list[list[str]]:
     """Exclusion ladder for an argmax output, cheapest first: nothing; the matmul feeding the argmax; the
-    one before it (the vocabulary mix); every MatMul/Gemm (the readout); every compute node."""
+    one before it (the vocabulary mix); every MatMul/Gemm but the one with the largest weight; every
+    MatMul/Gemm (the readout); every compute node."""
     producer = {out: n for n in model.graph.node for out in n.output}
     chosen: list[str] = []
     for node in model.graph.node:
@@ -377,8 +378,14 @@ def _argmax_ladder(model: onnx.ModelProto) -> list[list[str]]:
             frontier.extend(i for i in src.input if i in producer)
     dense = chosen + [n.name for n in model.graph.node if n.op_type in ("MatMul", "Gemm") and n.name not in chosen]
     every = dense + [n.name for n in model.graph.node if n.op_type in COMPUTE_OPS and n.name not in dense]
+    # The largest weight alone (the official readout's 32000×32000 layer: most of the tokenizer's time)
+    sizes = {t.name: int(np.prod(t.dims)) for t in model.graph.initializer}
+    weighted = [n for n in model.graph.node if n.op_type in ("MatMul", "Gemm") and len(n.input) > 1
+                and n.input[1] in sizes]
+    largest = max(weighted, key=lambda n: sizes[n.input[1]]).name if weighted else None
+    only_largest = [n for n in dense if n != largest] if largest else dense
     ladder: list[list[str]] = [[]]
-    for rung in (chosen[:1], chosen[:2], dense, every):
+    for rung in (chosen[:1], chosen[:2], only_largest, dense, every):
         if rung and rung != ladder[-1]:
             ladder.append(list(rung))
     return ladder
