@@ -1,6 +1,8 @@
 """Official geometry at full size (e.g. base-256: 1.39 B parameters, the 32000×32000 readout) on this CPU:
 tokenize and detokenize on PyTorch eager, ONNX Runtime fp32 and ONNX Runtime int8, ratios in one run, with
-each backend's peak RSS and the int8 tokenizer's id agreement with fp32 on photo crops.
+each backend's peak RSS and the int8 tokenizer's id agreement with fp32 on photo crops. An export with
+one-call graphs is timed both ways: one call per tokenize / detokenize, and the stage graphs with the numpy
+loop (``*_loop``).
 
 Every backend runs in its own process (so its peak RSS is its own), one after the other, on the same crops,
 the same ids and the same seed. The machine's load is recorded around each process (load average, the
@@ -43,6 +45,8 @@ def worker(a: argparse.Namespace) -> None:
     """Time one backend; write its figures (and its ids) as JSON."""
     from v2flow_rt.bench import measure
     from v2flow_rt.pipeline import V2FlowPipeline
+    from v2flow_rt.sampling import SamplerSettings
+    from v2flow_rt.stages import ONE_CALL_STAGES
 
     where, backend, precision = BACKENDS[a.worker]
     t0 = time.perf_counter()
@@ -53,12 +57,20 @@ def worker(a: argparse.Namespace) -> None:
     photos = _crops(cfg.img_size, a.agreement_images)
     ids_ref = np.load(a.ids) if a.ids else None
     out: dict[str, Any] = {"backend": a.worker, "load_s": load_s, "results": {}}
+    settings = SamplerSettings.from_config(cfg)
+    one_call = {s: pipe.serves_in_one_call(s, settings if s == "detokenize" else None) for s in ONE_CALL_STAGES}
+    out["one_call"] = one_call
+    # an export with one-call graphs is also timed through its stage graphs and the numpy loop ("_loop")
+    paths = {"": None, "_loop": False} if where == "export" and any(one_call.values()) else {"": None}
     for batch in a.batches:
         images = photos[:batch]
-        tok = measure(lambda: pipe.tokenize(images), 1, a.repeat)  # noqa: B023
         ids = ids_ref[:batch] if ids_ref is not None else pipe.tokenize(images)
-        det = measure(lambda: pipe.detokenize(ids, seed=0, output="float"), 1, a.repeat)  # noqa: B023
-        out["results"][str(batch)] = {"tokenize": tok, "detokenize": det}
+        figs = {}
+        for suffix, oc in paths.items():
+            figs["tokenize" + suffix] = measure(lambda: pipe.tokenize(images, one_call=oc), 1, a.repeat)  # noqa: B023
+            figs["detokenize" + suffix] = measure(
+                lambda: pipe.detokenize(ids, seed=0, output="float", one_call=oc), 1, a.repeat)  # noqa: B023
+        out["results"][str(batch)] = figs
     out["photo_ids"] = pipe.tokenize(photos).tolist()
     if ids_ref is not None:
         out["image"] = pipe.detokenize(ids_ref[:1], seed=0, output="float").tolist()
@@ -101,8 +113,9 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     images = {n: np.asarray(r.pop("image")) for n, r in report["backends"].items() if "image" in r}
     for name, r in report["backends"].items():
         for batch, figs in r["results"].items():
-            for verb in ("tokenize", "detokenize"):
-                figs[f"{verb}_speedup_vs_{first}"] = base["results"][batch][verb]["median_ms"] / figs[verb]["median_ms"]
+            for verb in [k for k in figs if k.startswith(("tokenize", "detokenize"))]:
+                ref = base["results"][batch][verb.removesuffix("_loop")]["median_ms"]
+                figs[f"{verb}_speedup_vs_{first}"] = ref / figs[verb]["median_ms"]
         if "ort-fp32" in ids:
             r["id_agreement_vs_ort_fp32"] = float((ids[name] == ids["ort-fp32"]).mean())
         if first in images and name in images and name != first:
@@ -137,9 +150,12 @@ def main() -> None:
         Path(a.json).write_text(text)
     for name, r in report["backends"].items():
         for batch, f in r["results"].items():
-            print(f"{name:9s} batch {batch}: tokenize {f['tokenize']['median_ms']:8.0f} ms "
-                  f"({f['tokenize_speedup_vs_' + a.backends[0]]:.2f}x)  detokenize {f['detokenize']['median_ms']:8.0f}"
-                  f" ms ({f['detokenize_speedup_vs_' + a.backends[0]]:.2f}x)  peak RSS {r['peak_rss_gib']:.1f} GiB")
+            for sfx in [k.removeprefix("tokenize") for k in f if k in ("tokenize", "tokenize_loop")]:
+                v = f"vs_{a.backends[0]}"
+                print(f"{name + sfx:14s} batch {batch}: tokenize {f['tokenize' + sfx]['median_ms']:8.0f} ms "
+                      f"({f['tokenize' + sfx + '_speedup_' + v]:.2f}x)  detokenize "
+                      f"{f['detokenize' + sfx]['median_ms']:8.0f} ms ({f['detokenize' + sfx + '_speedup_' + v]:.2f}x)"
+                      f"  peak RSS {r['peak_rss_gib']:.1f} GiB")
         print(f"{name:9s} ids vs ORT fp32 {r.get('id_agreement_vs_ort_fp32', float('nan')):.4f}; load before "
               f"{r['machine']['loadavg_1min_before']:.2f}, CPU/wall {r['machine']['cpu_over_wall']:.2f}")
 

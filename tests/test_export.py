@@ -32,7 +32,7 @@ from v2flow_rt.reference import stage_modules as M
 from v2flow_rt.reference.checkpoint import save_pretrained
 from v2flow_rt.reference.model import TorchStages, V2Flow
 from v2flow_rt.sampling import SamplerSettings, host_ode
-from v2flow_rt.stages import stage_specs
+from v2flow_rt.stages import ONE_CALL_STAGES, stage_specs
 
 STEPS = 3
 
@@ -200,7 +200,7 @@ def test_official_geometry_fp32_graphs_match_pytorch(official: dict[str, Any]) -
     if official["dcae"] is None:
         assert set(m.stages) == core and any("codec stages not exported" in n for n in m.notes)
     else:   # DC-AE codec graphs too, and every stage was also checked on real photo crops
-        assert set(m.stages) == core | {"codec_encode", "codec_decode"}
+        assert set(m.stages) == core | {"codec_encode", "codec_decode"} | set(ONE_CALL_STAGES)
         assert all("photo" in m.parity["fp32"][s] for s in m.stages)
     _check_parity(m, official["model"], seed=12, dcae=official["dcae"])
     # symbolic dims stay symbolic in the graphs

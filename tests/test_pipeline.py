@@ -132,8 +132,14 @@ def test_eval_refuses_bad_image_sources_clearly(model_dir, tmp_path, capsys) -> 
         evaluate(model_dir, images=[empty])
     with pytest.raises(ImageError, match=r"unknown built-in photo\(s\) \['kitten'\]"):
         evaluate(model_dir, photos=["kitten"])
-    with pytest.raises(ImageError, match=r"tiny.png is 20x20 after scale 0.5, smaller than a 64x64 crop"):
-        evaluate(model_dir, images=[tiny])
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png at all")
+    with pytest.raises(ImageError, match="broken.png"):
+        evaluate(model_dir, images=[broken])
+    # a photo smaller than the model's crop is not an error: it is resized (as the official preprocessing
+    # does), and the report says so
+    small = evaluate(model_dir, images=[tiny], steps=2)
+    assert small["images"] == 1 and small["crops"] == "resized centre crop"
     with pytest.raises(ShapeError, match="scale must be in"):
         evaluate(model_dir, photos=["chelsea"], scale=1.5)
     assert main(["eval", "--model", str(model_dir), "--images", str(tmp_path / "missing.png")]) == 2

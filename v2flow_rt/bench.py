@@ -20,6 +20,7 @@ from .config import V2FlowConfig
 from .metrics import psnr
 from .pipeline import V2FlowPipeline
 from .sampling import SamplerSettings, evaluations, tokens_per_iteration
+from .stages import ONE_CALL_STAGES
 
 
 def measure(fn: Callable[[], Any], warmup: int = 1, repeat: int = 5) -> dict[str, float]:
@@ -98,12 +99,17 @@ def run_bench(model: str = "default", export_dir: str | None = None, precisions:
               threads: int | None = None, progress: bool = True, steps: int | None = None) -> dict[str, Any]:
     """Time every backend on the same ids, images and seed; ratios are against PyTorch eager.
 
+    An ORT export with one-call graphs gets two rows: ``ort-P`` (one call per tokenize / detokenize, as the
+    pipeline picks; each row's ``one_call`` says which ran) and ``ort-P-loop`` (the stage graphs and the
+    numpy loop), both decoding the same ids with the same seeded orders and noise.
+
     ``steps``: ODE steps of the decode (default: the model's; equal to an export's baked steps, the ORT
     backends run the fused ODE graphs)."""
     from tqdm import tqdm
 
     from .data import HELDOUT_PHOTOS, fitting_crops, from_model_range, load_photo
 
+    load_start = os.getloadavg()
     pipes = _pipelines(model, export_dir, list(precisions), list(torch_modes), threads)
     base = pipes[next(iter(pipes))]
     cfg = base.config
@@ -126,23 +132,35 @@ def run_bench(model: str = "default", export_dir: str | None = None, precisions:
     }
     results: dict[str, Any] = {}
     reference_images = None
-    for name, pipe in tqdm(list(pipes.items()), desc="bench", disable=not progress):
+    # an export with one-call graphs is timed both ways: "ort-P" as the pipeline picks (one call per decode
+    # when the baked settings equal the request), "ort-P-loop" through the stage graphs and the numpy loop
+    runs: list[tuple[str, V2FlowPipeline, bool | None, dict[str, bool]]] = []
+    for name, pipe in pipes.items():
+        one = {s: pipe.serves_in_one_call(s, settings if s == "detokenize" else None) for s in ONE_CALL_STAGES}
+        runs.append((name, pipe, None, one))
+        if name.startswith("ort-") and any(one.values()) and pipe.engine.has("mar_step"):
+            runs.append((f"{name}-loop", pipe, False, dict.fromkeys(ONE_CALL_STAGES, False)))
+    for name, pipe, one_call, used in tqdm(runs, desc="bench", disable=not progress):
         eng = pipe.engine
-        r: dict[str, Any] = {"backend": eng.backend, "precision": eng.precision}
-        decode = lambda: pipe.detokenize(ids, seed=0, steps=settings.steps, output="float")  # noqa: B023, E731
+        r: dict[str, Any] = {"backend": eng.backend, "precision": eng.precision,
+                             "one_call": {s: bool(v) for s, v in used.items()}}
+        decode = lambda: pipe.detokenize(ids, seed=0, steps=settings.steps, output="float",  # noqa: B023, E731
+                                         one_call=one_call)  # noqa: B023
         r["detokenize"] = measure(decode, 1, repeat)
-        r["tokenize"] = measure(lambda: pipe.tokenize(crops), 1, repeat)  # noqa: B023
+        r["tokenize"] = measure(lambda: pipe.tokenize(crops, one_call=one_call), 1, repeat)  # noqa: B023
         stages = {}
         for stage, feeds in stage_inputs.items():
             real = stage.split("_rows")[0]
             if eng.has(real):
                 stages[stage] = measure(lambda: eng.run(real, feeds), 1, repeat)  # noqa: B023
+        if one_call is False:       # the stage graphs were timed on the row above
+            stages = {}
         r["stages"] = stages
-        images = pipe.detokenize(ids, seed=0, steps=settings.steps, output="float")
+        images = pipe.detokenize(ids, seed=0, steps=settings.steps, output="float", one_call=one_call)
         if reference_images is None:
             reference_images = images
         r["psnr_vs_" + next(iter(pipes))] = psnr(from_model_range(reference_images), from_model_range(images))
-        r["ids_equal_" + next(iter(pipes))] = bool((pipe.tokenize(crops) == ids).all())
+        r["ids_equal_" + next(iter(pipes))] = bool((pipe.tokenize(crops, one_call=one_call) == ids).all())
         results[name] = r
     first = next(iter(results))
     for r in results.values():
@@ -164,6 +182,8 @@ def run_bench(model: str = "default", export_dir: str | None = None, precisions:
         "sampler": settings.__dict__, "tokens_per_iteration": tokens_per_iteration(cfg.num_tokens, settings.num_iter),
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count()},
         "matmul_peak": peak, "flops": flops, "baseline": first, "results": results,
+        # 1/5/15-minute load averages before and after: a run that competed with other work shows here
+        "load": {"start": [round(x, 2) for x in load_start], "end": [round(x, 2) for x in os.getloadavg()]},
     }
 
 

@@ -144,7 +144,8 @@ def _cmd_demo(a: argparse.Namespace) -> int:
     from .demo import run_demo
 
     precisions = tuple(p.strip() for p in a.precisions.split(",") if p.strip())
-    path = run_demo(a.out, a.model, precisions=precisions, repeat=a.repeat, threads=a.threads, steps=a.steps)
+    path = run_demo(a.out, a.model, precisions=precisions, repeat=a.repeat, threads=a.threads, steps=a.steps,
+                    export=a.export)
     print(f"report: {path}")
     return 0
 
@@ -300,6 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="ODE steps (default: the model's)")
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--export", default=None, help="an existing export folder of this model to use instead of "
+                                                   "exporting anew")
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("reconstruct", help="tokenize and decode one image")

@@ -11,6 +11,8 @@ import os
 from pathlib import Path
 
 from .data import HELDOUT_PHOTOS, fitting_crops, from_model_range, load_photo, save_grid
+from .errors import ArtifactError
+from .manifest import Manifest
 from .metrics import grid_baseline, psnr, ssim
 
 PRECISIONS = ("fp32", "fp16", "int8", "int8-qdq")
@@ -21,18 +23,29 @@ def _fmt(x: float) -> str:
 
 
 def run_demo(out: str | Path, model: str = "default", precisions: tuple[str, ...] = PRECISIONS, repeat: int = 5,
-             threads: int | None = None, steps: int | None = None) -> Path:
+             threads: int | None = None, steps: int | None = None, export: str | Path | None = None) -> Path:
     """Run the whole job; returns the path of ``report.md``. ``steps``: ODE steps baked into the graphs
-    and used by every decode (default: the model's)."""
+    and used by every decode (default: the model's). ``export``: an existing export folder of this model to
+    validate, benchmark and reconstruct with instead of exporting anew (a full-size export takes minutes);
+    it must hold every precision asked for."""
     from .bench import plot, run_bench
     from .export import export_model, validate_folder
     from .pipeline import V2FlowPipeline
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    export_dir = out / "export"
-    print(f"[1/4] exporting {model} to {export_dir} ({', '.join(precisions)})")
-    manifest = export_model(model, export_dir, precisions=precisions, steps=steps)
+    if export is None:
+        export_dir = out / "export"
+        print(f"[1/4] exporting {model} to {export_dir} ({', '.join(precisions)})")
+        manifest = export_model(model, export_dir, precisions=precisions, steps=steps)
+    else:
+        export_dir = Path(export)
+        manifest = Manifest.load(export_dir)
+        missing = [p for p in precisions if p not in manifest.precisions]
+        if missing:
+            raise ArtifactError(f"{export_dir}: export lacks precision(s) {missing} asked for by the demo; it "
+                                f"holds {list(manifest.precisions)} (pass --precisions, or export them)")
+        print(f"[1/4] using the existing export {export_dir} ({', '.join(precisions)})")
     print("[2/4] validating the graphs against PyTorch")
     validation = validate_folder(export_dir)
     print(f"[3/4] benchmarking (median of {repeat})")

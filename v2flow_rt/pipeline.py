@@ -181,6 +181,10 @@ class V2FlowPipeline:
             ids.append(self.engine.run("tokenizer", {"latent": latent})["ids"])
         return np.concatenate(ids).astype(np.int64)
 
+    def serves_in_one_call(self, stage: str, settings: SamplerSettings | None = None) -> bool:
+        """Whether ``tokenize`` / ``detokenize`` (with ``settings``) would run as one call of its graph."""
+        return self._use_one_call(stage, None, settings)
+
     def _use_one_call(self, stage: str, wanted: bool | None, settings: SamplerSettings | None = None) -> bool:
         """Whether a one-call graph serves this request: it exists and (detokenize) bakes ``settings``."""
         if wanted is False:

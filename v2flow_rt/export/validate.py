@@ -105,7 +105,7 @@ def torch_outputs(module: nn.Module, spec: StageSpec, feeds: Feeds) -> dict[str,
     with torch.no_grad():
         out = module(*[torch.from_numpy(np.ascontiguousarray(feeds[n])) for n in spec.input_names])
     outs = out if isinstance(out, (tuple, list)) else (out,)
-    return {name: o.detach().cpu().numpy() for name, o in zip(spec.output_names, outs)}
+    return {name: np.ascontiguousarray(o.detach().cpu().numpy()) for name, o in zip(spec.output_names, outs)}
 
 
 def roundoff_bounds(module: nn.Module, spec: StageSpec, feeds: Sequence[Feeds],
@@ -432,7 +432,8 @@ def _cpu_pyt_runner(module: nn.Module, spec: StageSpec) -> Any:
                 out = self.model(*[torch.from_numpy(np.ascontiguousarray(feed_dict[n])) for n in spec.input_names])
             outs = out if isinstance(out, (tuple, list)) else (out,)
             self.inference_time = time.perf_counter() - start
-            return OrderedDict((n, o.cpu().numpy()) for n, o in zip(spec.output_names, outs))
+            # contiguous: Polygraphy's comparison views every output as its reference's shape
+            return OrderedDict((n, np.ascontiguousarray(o.cpu().numpy())) for n, o in zip(spec.output_names, outs))
 
     # PytRunner calls its model argument if callable (a loader); a Module is callable, so wrap it.
     return CpuPytRunner(lambda: module, meta, spec.output_names, name=f"pytorch-{spec.name}")
