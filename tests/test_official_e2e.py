@@ -217,7 +217,7 @@ def test_validate_eval_bench_and_demo_accept_an_official_model(flow: dict[str, A
                  "--torch-modes", "torch", "--repeat", "1", "--steps", str(STEPS), "--json", str(bench)]) == 0
     b = json.loads(bench.read_text())
     res = b["results"]
-    assert set(res) == {"torch", "ort-fp32", "ort-fp32-loop"}         # one call and the loop, both timed
+    assert set(res) == {"torch", "torch-loop", "ort-fp32", "ort-fp32-loop"}    # one call and the loop, both timed
     assert res["ort-fp32"]["one_call"] == {"tokenize": True, "detokenize": True}
     assert res["ort-fp32-loop"]["one_call"] == {"tokenize": False, "detokenize": False}
     assert all(r["ids_equal_torch"] and r["psnr_vs_torch"] > 60 for r in res.values()), res

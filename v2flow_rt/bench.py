@@ -99,9 +99,10 @@ def run_bench(model: str = "default", export_dir: str | None = None, precisions:
               threads: int | None = None, progress: bool = True, steps: int | None = None) -> dict[str, Any]:
     """Time every backend on the same ids, images and seed; ratios are against PyTorch eager.
 
-    An ORT export with one-call graphs gets two rows: ``ort-P`` (one call per tokenize / detokenize, as the
-    pipeline picks; each row's ``one_call`` says which ran) and ``ort-P-loop`` (the stage graphs and the
-    numpy loop), both decoding the same ids with the same seeded orders and noise.
+    A backend with one-call graphs gets two rows: ``NAME`` (one call per tokenize / detokenize, as the
+    pipeline picks; each row's ``one_call`` says which ran) and ``NAME-loop`` (the stage graphs and the
+    numpy loop), both decoding the same ids with the same seeded orders and noise. On PyTorch eager,
+    ``torch`` is the one-call module and ``torch-loop`` the stage loop, as the official sampler runs.
 
     ``steps``: ODE steps of the decode (default: the model's; equal to an export's baked steps, the ORT
     backends run the fused ODE graphs)."""
@@ -132,13 +133,13 @@ def run_bench(model: str = "default", export_dir: str | None = None, precisions:
     }
     results: dict[str, Any] = {}
     reference_images = None
-    # an export with one-call graphs is timed both ways: "ort-P" as the pipeline picks (one call per decode
-    # when the baked settings equal the request), "ort-P-loop" through the stage graphs and the numpy loop
+    # a backend with one-call graphs is timed both ways: "NAME" as the pipeline picks (one call per decode
+    # when the baked settings equal the request), "NAME-loop" through the stage graphs and the numpy loop
     runs: list[tuple[str, V2FlowPipeline, bool | None, dict[str, bool]]] = []
     for name, pipe in pipes.items():
         one = {s: pipe.serves_in_one_call(s, settings if s == "detokenize" else None) for s in ONE_CALL_STAGES}
         runs.append((name, pipe, None, one))
-        if name.startswith("ort-") and any(one.values()) and pipe.engine.has("mar_step"):
+        if any(one.values()) and pipe.engine.has("mar_step"):
             runs.append((f"{name}-loop", pipe, False, dict.fromkeys(ONE_CALL_STAGES, False)))
     for name, pipe, one_call, used in tqdm(runs, desc="bench", disable=not progress):
         eng = pipe.engine
