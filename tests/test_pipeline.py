@@ -43,13 +43,25 @@ def test_tokenize_matches_the_reference_model(pipe, live_tiny_model) -> None:
     np.testing.assert_array_equal(ids, ref)
 
 
-def test_detokenize_is_seeded_and_equals_the_official_sampler(pipe, live_tiny_model) -> None:
+@pytest.fixture(scope="module")
+def default_model():
+    """The bundled trained model: unlike a random one, its decoder depends strongly on the ids."""
+    from v2flow_rt.reference.checkpoint import from_pretrained
+
+    return from_pretrained("default")
+
+
+@pytest.mark.parametrize("which", ["live-tiny", "default"])
+def test_detokenize_is_seeded_and_equals_the_official_sampler(pipe, live_tiny_model, default_model, which) -> None:
     import torch
     from reference_loop import official_sample_tokens
 
     from v2flow_rt.reference.codecs import build_codec
 
-    model = live_tiny_model
+    if which == "default":
+        model, pipe = default_model, V2FlowPipeline.from_pretrained("default", backend="torch")
+    else:
+        model = live_tiny_model
     ids = np.random.default_rng(1).integers(0, 4096, (2, 64))
     a = pipe.detokenize(ids, seed=3, steps=2)
     b = pipe.detokenize(ids, seed=3, steps=2)
@@ -57,7 +69,7 @@ def test_detokenize_is_seeded_and_equals_the_official_sampler(pipe, live_tiny_mo
     assert a.shape == (2, 64, 64, 3) and a.dtype == np.uint8
     np.testing.assert_array_equal(a, b)
     assert np.abs(a.astype(int) - c.astype(int)).max() > 0
-    # ids → image against the spec's sampler in float64 (then the codec), model defaults (temperature 1)
+    # ids → image against the spec's sampler in float64 (then the codec), at the model's default temperature
     with torch.no_grad():
         tokens = official_sample_tokens(model, model.embed_ids(torch.from_numpy(ids)), steps=2, seed=3,
                                         temperature=model.config.temperature)
@@ -68,6 +80,9 @@ def test_detokenize_is_seeded_and_equals_the_official_sampler(pipe, live_tiny_mo
     noise_only = data.from_model_range(build_codec(model.config).decode(model.tokens_to_latent(
         torch.from_numpy(official_randomness_noise(3, model)))).numpy())
     assert np.abs(a.astype(int) - noise_only.astype(int)).mean() > 5     # the velocity net moved the noise
+    if which == "default":    # trained: the ids decide the image (a random model's decoder barely reads them)
+        other = pipe.detokenize(np.random.default_rng(2).integers(0, 4096, (2, 64)), seed=3, steps=2)
+        assert np.abs(a.astype(int) - other.astype(int)).mean() > 10
     out = pipe.reconstruct(np.zeros((1, 64, 64, 3), np.uint8), steps=1)
     assert out.shape == (1, 64, 64, 3)
 
@@ -212,21 +227,33 @@ def test_recolour_agrees_with_colorsys_and_keeps_grays() -> None:
 
 
 def test_colour_suite_reports_every_variant_worst_and_mean(model_dir, tmp_path, capsys) -> None:
+    """On the bundled model (a random decoder barely reads its input), then the CLI on a small random one."""
     from v2flow_rt.evaluate import COLOUR_HUES, evaluate, evaluate_colour
 
     kw = {"per_image": 2, "steps": 2, "num_iter": 2}
     grid = tmp_path / "colour.png"
-    report = evaluate_colour(model_dir, photos=["chelsea"], hues=(0, 90, 200), saturation=1.5, grid_png=str(grid),
+    report = evaluate_colour("default", photos=["chelsea"], hues=(0, 90, 200), saturation=1.5, grid_png=str(grid),
                              grid_crops_shown=2, **kw)
     names = [v["name"] for v in report["variants"]]
     assert names == ["original", "hue+90", "hue+200", "saturation x1.5"] and report["images"] == 2
     # the unchanged variant is the standard suite on the same crops and seed
-    standard = evaluate(model_dir, photos=["chelsea"], **kw)
+    standard = evaluate("default", photos=["chelsea"], **kw)
     for key in ("psnr", "ssim", "grid_baseline_psnr", "grid_baseline_ssim", "psnr_gain_db"):
         assert report["variants"][0][key] == standard[key], key
     # each variant is recoloured: its grid baseline differs (not for multiples of 120°, which permute the
     # channels, so the suite's hues avoid them)
     assert len({v["grid_baseline_psnr"] for v in report["variants"]}) == 4
+    # one variant recomputed by hand: the recoloured crops are the reference and the model's input
+    from v2flow_rt.colour import recolour
+    from v2flow_rt.metrics import grid_baseline, psnr, ssim
+
+    plain = data.from_model_range(data.fitting_crops([data.load_photo("chelsea")], 64, 2)[0])
+    ref = recolour(plain, 90)
+    x = data.to_model_range(ref)
+    recon = V2FlowPipeline.from_pretrained("default", backend="torch").reconstruct(x, seed=0, steps=2, num_iter=2)
+    hue90 = report["variants"][1]
+    assert hue90["psnr"] == round(psnr(ref, recon), 3) and hue90["ssim"] == round(ssim(ref, recon), 4)
+    assert hue90["grid_baseline_psnr"] == round(psnr(ref, data.from_model_range(grid_baseline(x, 8))), 3)
     gains = [v["psnr_gain_db"] for v in report["variants"]]
     worst = report["variants"][int(np.argmin(gains))]
     assert report["worst"] == {"name": worst["name"], "psnr_gain_db": min(gains), "psnr": worst["psnr"]}
