@@ -50,3 +50,18 @@ def default_export(tmp_path_factory):
     folder = tmp_path_factory.mktemp("default_export") / "export"
     export_model("default", folder, precisions=("fp32",), progress=False, validate=False, quality=False)
     return folder
+
+
+@pytest.fixture(scope="session")
+def live_tiny_model():
+    """A `tiny` model with every zero-initialised layer randomised (``randomize_zero_layers``): a fresh
+    model's velocity output layer is zero, so its velocity is exactly 0 and decoding returns the noise;
+    tests of decoding paths use this one so that a broken velocity net or ids → image path shows."""
+    import torch
+
+    from v2flow_rt.config import get_preset
+    from v2flow_rt.reference.checkpoint import randomize_zero_layers
+    from v2flow_rt.reference.model import V2Flow
+
+    torch.manual_seed(0)
+    return randomize_zero_layers(V2Flow(get_preset("tiny")).eval(), seed=1)

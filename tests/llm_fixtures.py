@@ -18,17 +18,18 @@ HEAD_SCALE = 8.0        # see expanded_lm
 
 @pytest.fixture(scope="session")
 def llm_v2flow(tmp_path_factory):
-    """(model, folder): a random ``tiny`` V2Flow (64 tokens) over the base LM's embedding table."""
+    """(model, folder): a random ``tiny`` V2Flow (64 tokens, no all-zero layer) over the base LM's embedding table."""
     import torch
 
     from v2flow_rt.config import get_preset
     from v2flow_rt.llm.base_lm import load_embedding_table
-    from v2flow_rt.reference.checkpoint import save_pretrained
+    from v2flow_rt.reference.checkpoint import randomize_zero_layers, save_pretrained
     from v2flow_rt.reference.model import V2Flow
 
     torch.manual_seed(0)
     table = torch.from_numpy(load_embedding_table(BASE_LM))
-    model = V2Flow(get_preset("tiny", codebook_size=CODEBOOK), llm_embed=table).eval()
+    # zero-initialised layers randomised: a fresh velocity net outputs 0 and decoding would return the noise
+    model = randomize_zero_layers(V2Flow(get_preset("tiny", codebook_size=CODEBOOK), llm_embed=table).eval(), seed=1)
     return model, save_pretrained(model, tmp_path_factory.mktemp("v2flow"))
 
 

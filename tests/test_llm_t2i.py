@@ -88,6 +88,24 @@ def test_generate_cli_and_decoder_checks(tmp_path, expanded_lm, llm_v2flow) -> N
     a, b = t2i("a cup of coffee", seed=3), t2i("a cup of coffee", seed=3)
     np.testing.assert_array_equal(a, b)
     assert a.shape == (1, 64, 64, 3) and (t2i("a cup of coffee", seed=4) != a).any()
+    # codes → image against the spec's float64 sampler at the generation decoder temperature, then the codec
+    import torch
+    from reference_loop import official_randomness, official_sample_tokens
+
+    from v2flow_rt.llm.t2i import GENERATION_DECODER_TEMPERATURE
+    from v2flow_rt.reference.codecs import build_codec
+
+    model = llm_v2flow[0]
+    codes = t2i.tokens("a cup of coffee", seed=3)
+    decode = build_codec(model.config).decode
+    with torch.no_grad():
+        tokens = official_sample_tokens(model, model.embed_ids(torch.from_numpy(codes)), steps=model.config.ode_steps,
+                                        temperature=GENERATION_DECODER_TEMPERATURE, seed=3)
+        ref = from_model_range(decode(model.tokens_to_latent(torch.from_numpy(tokens).float())))
+        noise = official_randomness(3, 1, 64, 192, 4)[1] * GENERATION_DECODER_TEMPERATURE
+        noise_only = from_model_range(decode(model.tokens_to_latent(torch.from_numpy(noise))))
+    assert np.abs(a.astype(int) - ref.astype(int)).max() <= 1            # float32 vs float64: one rounding step
+    assert np.abs(a.astype(int) - noise_only.astype(int)).mean() > 5     # the velocity net moved the noise
     # a decoder with another token count, or other weights, is refused with a clear message
     from v2flow_rt.config import get_preset
     from v2flow_rt.reference.model import V2Flow

@@ -33,15 +33,21 @@ def _cmd_train(a: argparse.Namespace) -> int:
 
 
 def _cmd_eval(a: argparse.Namespace) -> int:
-    from .evaluate import evaluate
+    from .evaluate import evaluate, evaluate_colour
 
-    report = evaluate(a.model, backend=a.backend, precision=a.precision, per_image=a.per_image, seed=a.seed,
-                      grid_png=a.grid, photos=a.photos, images=a.images, scale=a.scale, steps=a.steps,
-                      solver=a.solver, cfg=a.cfg, temperature=a.temperature)
+    run = evaluate_colour if a.suite == "colour" else evaluate
+    report = run(a.model, backend=a.backend, precision=a.precision, per_image=a.per_image, seed=a.seed,
+                 grid_png=a.grid, photos=a.photos, images=a.images, scale=a.scale, steps=a.steps,
+                 solver=a.solver, cfg=a.cfg, temperature=a.temperature)
     if a.json:
         print(json.dumps(report, indent=2))
-    else:
-        for key, value in report.items():
+        return 0
+    for key, value in report.items():
+        if key == "variants":
+            for v in value:
+                print(f"  {v['name']:>16}: psnr {v['psnr']:.2f} dB, ssim {v['ssim']:.3f}, grid baseline "
+                      f"{v['grid_baseline_psnr']:.2f} dB, gain {v['psnr_gain_db']:+.2f} dB")
+        else:
             print(f"{key}: {value}")
     return 0
 
@@ -259,7 +265,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="built-in photos instead of the held-out ones (chelsea, grace_hopper)")
     p.add_argument("--scale", type=float, default=0.5, help="downscale each image by this before cropping")
     p.add_argument("--per-image", type=int, default=8, help="crops per image (an even grid over it)")
-    p.add_argument("--grid", help="also write a PNG grid: originals, grid baseline, reconstructions")
+    p.add_argument("--grid", help="also write a PNG grid: originals, grid baseline, reconstructions (colour "
+                                  "suite: each variant's originals and reconstructions)")
+    p.add_argument("--suite", choices=("standard", "colour"), default="standard",
+                   help="colour: the same crops under eight hue rotations over the circle and a saturation "
+                        "boost; each variant's PSNR/SSIM and gain over its grid baseline, the worst and the mean")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_eval)
 
