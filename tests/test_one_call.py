@@ -154,3 +154,17 @@ def test_cuda_graph_replay_on_a_gpu(guided: dict[str, Any]) -> None:
                                                                                      output="float")
     np.testing.assert_array_equal(a, b)
     assert np.abs(a - ref).max() <= 1e-3 * np.abs(ref).max()
+
+
+def test_an_engine_releases_a_session_and_loads_it_again(guided: dict[str, Any]) -> None:
+    """Quality and validation drop each tokenizer session before loading the next (a full-size model's
+    readout is 4 GB a graph); a released stage loads again on its next run, with the same result."""
+    pipe = V2FlowPipeline.from_pretrained(guided["folder"], backend="ort")
+    images = np.random.default_rng(2).uniform(-1, 1, (2, 3, 64, 64)).astype(np.float32)
+    ids = pipe.tokenize(images, one_call=True)
+    assert "tokenize" in pipe.engine._sessions
+    pipe.engine.release("tokenize")
+    assert "tokenize" not in pipe.engine._sessions
+    np.testing.assert_array_equal(pipe.tokenize(images, one_call=True), ids)
+    pipe.engine.release()
+    assert not pipe.engine._sessions

@@ -44,6 +44,11 @@ class Engine(abc.ABC):
     def _run(self, stage: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ...
 
+    def release(self, *stages: str) -> None:  # noqa: B027 (optional: engines that cache nothing free nothing)
+        """Free what the engine holds for ``stages`` (all when none are named); the next ``run`` of one
+        loads it again. A full-size model's tokenizer graphs hold its 4 GB readout each, so code that
+        runs both the stage path and the one-call path drops one before loading the other."""
+
     def describe(self) -> str:
         return f"{self.backend} engine ({self.device}, {self.precision})"
 

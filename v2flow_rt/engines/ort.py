@@ -100,6 +100,11 @@ class OrtEngine(Engine):
                 raise ArtifactError(f"ONNX Runtime cannot load {path}: {str(exc).splitlines()[0]}") from None
         return self._sessions[stage]
 
+    def release(self, *stages: str) -> None:
+        for stage in stages or list(self._sessions):
+            self._sessions.pop(stage, None)
+            self._bound = {k: v for k, v in self._bound.items() if k[0] != stage}
+
     def _run(self, stage: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         sess = self.session(stage)
         names = self.specs[stage].output_names
