@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from .config import V2FlowConfig
+from .fileio import atomic_write
 from .metrics import psnr
 from .pipeline import V2FlowPipeline
 from .sampling import SamplerSettings, evaluations, tokens_per_iteration
@@ -188,7 +189,5 @@ def plot(report: dict[str, Any], png: str | Path) -> None:
     ax.legend()
     fig.tight_layout()
     Path(png).parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(png).with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, png)
+    atomic_write(png, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)

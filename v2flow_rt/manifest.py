@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ import numpy as np
 
 from .config import V2FlowConfig
 from .errors import ArtifactError, ConfigError
+from .fileio import atomic_write_text, current_umask, file_sha256  # noqa: F401  (re-exported)
 from .stages import StageSpec, stage_specs
 
 MANIFEST_NAME = "manifest.json"
@@ -35,15 +35,6 @@ _WEIGHTS_NAME = "model.safetensors"
 
 
 # ----------------------------------------------------------------------------- hashing
-
-def file_sha256(path: str | os.PathLike[str], chunk: int = 1 << 22) -> str:
-    """Hex sha256 of a file, read in 4 MiB chunks (graphs can be several GB)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
 
 def checkpoint_sha256(path: str | os.PathLike[str]) -> str:
     """The identity of a checkpoint: sha256 of a file, or of ``model.safetensors`` in a model folder.
@@ -105,28 +96,6 @@ def record_stage(spec: StageSpec) -> dict[str, Any]:
     rec = {"inputs": tensors(spec.inputs), "outputs": tensors(spec.outputs),
            "dims": {k: list(v) for k, v in spec.dims.items()}, "attrs": dict(spec.attrs)}
     return json.loads(json.dumps(rec))  # normalise tuples and numpy scalars the way a reload sees them
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    """Write through a temp file in the same folder, then rename: a reader never sees half a manifest."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~current_umask())   # mkstemp makes it owner-only; a manifest is meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def current_umask() -> int:
-    """The process umask (os.umask can only be read by setting it)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 # ----------------------------------------------------------------------------- manifest
@@ -288,7 +257,7 @@ class Manifest:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / MANIFEST_NAME
-        _atomic_write_text(path, self.to_json())
+        atomic_write_text(path, self.to_json())
         self.folder = folder
         return path
 

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import CheckpointError, LLMError
+from ..fileio import swap_folder
 
 # Input-embedding names of the common causal-LM families, tried in this order.
 EMBEDDING_TENSOR_NAMES = (
@@ -307,7 +308,7 @@ def create_base_lm(out_dir: str | os.PathLike[str], *, vocab_size: int = 1024, h
         tmp.chmod(0o755)  # mkdtemp makes it private; the folder is a shipped asset
         for f in tmp.iterdir():
             f.chmod(0o644)
-        replace_dir(tmp, out)
+        swap_folder(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
@@ -351,19 +352,3 @@ def _portable_tokenizer_class(config_path: Path) -> None:
     config = json.loads(config_path.read_text(encoding="utf-8"))
     config["tokenizer_class"] = "PreTrainedTokenizerFast"
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-
-
-def replace_dir(src: Path, dst: Path) -> None:
-    """Move ``src`` to ``dst``; an existing ``dst`` is moved aside first so a reader never sees a mix."""
-    if not dst.exists():
-        os.rename(src, dst)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{dst.name}-old-", dir=dst.parent))
-    os.rename(dst, old / dst.name)
-    try:
-        os.rename(src, dst)
-    except OSError:
-        os.rename(old / dst.name, dst)  # put the previous version back
-        raise
-    finally:
-        shutil.rmtree(old, ignore_errors=True)

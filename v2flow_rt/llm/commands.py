@@ -41,7 +41,7 @@ def _command_line(verb: str, a: argparse.Namespace) -> str:
 
 def bundle(final: Path, dest: Path, command: str) -> None:
     """Copy a trained ``final/`` folder to ``dest`` with a README.md recording the command that made it."""
-    from .vocab import replace_dir
+    from ..fileio import swap_folder
 
     record = json.loads((final / "training.json").read_text(encoding="utf-8"))
     tmp = dest.parent / f".{dest.name}-bundle"
@@ -56,7 +56,7 @@ def bundle(final: Path, dest: Path, command: str) -> None:
         "LLM table, codebook), which the decoder it is used with must match (`assets/default`).\n\n"
         f"Made with ({record.get('trained_steps')} steps, {record.get('minutes')} min):\n\n"
         f"```\n{command}\n```\n", encoding="utf-8")
-    replace_dir(tmp, dest)
+    swap_folder(tmp, dest)
 
 
 def _cmd_export_llm(a: argparse.Namespace) -> int:

@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ExportError, LLMError, ParityError
+from ..fileio import swap_folder
 from .generate import (
     GenerationSettings,
     OrtStep,
@@ -317,8 +318,7 @@ def export_llm(lm_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str], 
         }
         (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
         tmp.chmod(0o755)
-        from .vocab import replace_dir
-        replace_dir(tmp, out)
+        swap_folder(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out / MANIFEST_NAME

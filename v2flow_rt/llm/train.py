@@ -29,11 +29,11 @@ import numpy as np
 import torch
 
 from ..errors import CheckpointError, LLMError
-from ..reference.checkpoint import _atomic_write
+from ..fileio import atomic_write, swap_folder
 from ..reference.codecs import build_codec
 from .captions import SUBJECTS, subject_crops
 from .generate import PromptEncoder, left_pad, position_ids_from_mask
-from .vocab import META_NAME, VisualVocab, expand_vocabulary, replace_dir
+from .vocab import META_NAME, VisualVocab, expand_vocabulary
 
 STATE_NAME = "train_state.pt"
 
@@ -179,7 +179,7 @@ def train_llm(lm_dir: str | Path, v2flow_model: Any, out_dir: str | Path, settin
     def save_state() -> None:
         payload = {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
                    "rng": rng.bit_generator.state, "fingerprint": fingerprint}
-        _atomic_write(state_path, lambda p: torch.save(payload, p))
+        atomic_write(state_path, lambda p: torch.save(payload, p))
 
     start = time.time()
     log = (out / "train_log.jsonl").open("a")
@@ -238,7 +238,7 @@ def _save_final(model: Any, lm_path: Path, final: Path, record: dict[str, Any]) 
         tmp.chmod(0o755)
         for f in tmp.iterdir():
             f.chmod(0o644)
-        replace_dir(tmp, final)
+        swap_folder(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final

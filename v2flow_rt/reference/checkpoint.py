@@ -7,10 +7,8 @@ only class allow-listed is ``argparse.Namespace`` (the official ``args`` entry).
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from ..config import DCAE_SCALE, V2FlowConfig
 from ..errors import CheckpointError, ConfigError
+from ..fileio import atomic_write, atomic_write_text, staged_folder
 from .codecs import DCAE_FOLDER, DCAE_KEY, check_dcae_folder, resolve_codec_path
 from .model import V2Flow
 
@@ -34,25 +33,13 @@ def resolve_model_path(path: str | Path) -> Path:
     return Path(path)
 
 
-def _atomic_write(path: Path, write: Any) -> None:
-    """Write through a temp file in the same folder, then rename, so a crash leaves no partial file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_pretrained(model: V2Flow, folder: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
     """Write ``config.json`` + ``model.safetensors`` (weights first, config last, each atomically)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in (state_dict or model.state_dict()).items()}
-    _atomic_write(folder / WEIGHTS_NAME, lambda p: save_file(state, p, metadata={"format": "pt"}))
-    _atomic_write(folder / CONFIG_NAME, lambda p: Path(p).write_text(model.config.to_json()))
+    atomic_write(folder / WEIGHTS_NAME, lambda p: save_file(state, str(p), metadata={"format": "pt"}))
+    atomic_write_text(folder / CONFIG_NAME, model.config.to_json())
     return folder
 
 
@@ -123,27 +110,13 @@ def attach_codec(folder: str | Path, dcae_dir: str | Path, copy: bool = False) -
     target = src
     if copy and not inside:
         target = folder / DCAE_FOLDER
-        tmp = Path(tempfile.mkdtemp(dir=folder, prefix=f".{DCAE_FOLDER}.partial-"))
-        try:
+        with staged_folder(target) as tmp:
             for f in sorted(src.iterdir()):
                 if f.is_file():
                     shutil.copy2(f, tmp / f.name)
-            os.chmod(tmp, 0o777 & ~_umask())
-            if target.exists():
-                shutil.rmtree(target)
-            os.replace(tmp, target)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
     config.extra[DCAE_KEY] = DCAE_FOLDER if copy or inside else str(src)
-    _atomic_write(folder / CONFIG_NAME, lambda p: Path(p).write_text(config.to_json()))
+    atomic_write_text(folder / CONFIG_NAME, config.to_json())
     return target
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 # ----------------------------------------------------------------------------- official checkpoints
@@ -291,7 +264,7 @@ def export_official(model: V2Flow, path: str | Path, ema_state: dict[str, torch.
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     payload = {"model": state, "model_ema": ema, "epoch": 0, "args": args}
-    _atomic_write(out, lambda p: torch.save(payload, p))
+    atomic_write(out, lambda p: torch.save(payload, p))
     return out
 
 
@@ -300,29 +273,20 @@ def export_official(model: V2Flow, path: str | Path, ema_state: dict[str, torch.
 
 
 def _new_folder(out: Path, write: Any) -> Path:
-    """Fill a temporary folder beside ``out`` with ``write(tmp)``, then put it in place of ``out``.
+    """Fill a temporary folder beside ``out`` with ``write(tmp)``, then put it in place of ``out``
+    (``fileio.staged_folder``: a second writer of ``out`` is refused, a failure leaves ``out`` as it was).
 
     ``out`` must be absent, empty or a model folder (holds config.json); an existing one is moved aside
-    only once the new folder is complete, and deleted last. A failure leaves ``out`` as it was.
+    only once the new folder is complete, and deleted last.
     """
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / CONFIG_NAME).is_file())):
-        raise CheckpointError(f"refusing to replace {out}: it is not empty and holds no {CONFIG_NAME}, so it is not "
-                              f"a model folder (choose another --out or empty it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
-    try:
-        os.chmod(tmp, 0o777 & ~_umask())
+    def keep(dest: Path) -> None:
+        if dest.exists() and (not dest.is_dir() or (any(dest.iterdir()) and not (dest / CONFIG_NAME).is_file())):
+            raise CheckpointError(f"refusing to replace {dest}: it is not empty and holds no {CONFIG_NAME}, so it "
+                                  f"is not a model folder (choose another --out or empty it)")
+
+    keep(out)
+    with staged_folder(out, keep=keep) as tmp:
         write(tmp)
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -22,7 +22,8 @@ import torch
 from ..config import V2FlowConfig
 from ..data import PHOTOS, CropSampler, load_photo
 from ..errors import CheckpointError, ConfigError
-from .checkpoint import _atomic_write, save_pretrained
+from ..fileio import atomic_write
+from .checkpoint import save_pretrained
 from .codecs import build_codec
 from .model import V2Flow
 
@@ -187,7 +188,7 @@ def train(config: V2FlowConfig, out_dir: str | Path, settings: TrainSettings,
         payload = {"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
                    "step": step, "torch_rng": gen.get_state(), "config": config.to_dict(),
                    **({"aux_head": aux_head.state_dict()} if aux_head is not None else {})}
-        _atomic_write(state_path, lambda p: torch.save(payload, p))
+        atomic_write(state_path, lambda p: torch.save(payload, p))
 
     start = time.time()
     log = (out / "train_log.jsonl").open("a")
