@@ -271,7 +271,8 @@ class Manifest:
         """
         folder = Path(folder)
         if not folder.is_dir():
-            raise ArtifactError(f"export folder {folder} does not exist")
+            raise ArtifactError(f"{folder} is a file, not an export folder" if folder.exists() else
+                                f"export folder {folder} does not exist")
         path = folder / MANIFEST_NAME
         if not path.is_file():
             raise ArtifactError(f"{folder} has no {MANIFEST_NAME}: not an export folder, or an export that did "

@@ -213,13 +213,9 @@ def _read_bf16(path: Path, info: dict[str, Any]) -> np.ndarray:
 # --- pickles, torch imported lazily ---
 
 def _torch_load(path: Path) -> Any:
-    import torch
-    try:
-        # weights_only refuses any pickle that would import or call code; mmap needs the zip format
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
-    except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError, ...
-        raise CheckpointError(f"cannot load {str(path)!r} safely with torch.load(weights_only=True) "
-                              f"(a corrupted file, or a pickle that would run code): {exc}") from exc
+    from ..reference.checkpoint import safe_torch_load  # imports torch
+
+    return safe_torch_load(path, mmap=zipfile.is_zipfile(path))   # mmap needs the zip format
 
 
 def _table_from_pickle(path: Path) -> np.ndarray:

@@ -30,6 +30,7 @@ import torch
 
 from ..errors import CheckpointError, LLMError
 from ..fileio import atomic_write, swap_folder
+from ..reference.checkpoint import safe_torch_load
 from ..reference.codecs import build_codec
 from .captions import SUBJECTS, subject_crops
 from .generate import PromptEncoder, left_pad, position_ids_from_mask
@@ -164,10 +165,11 @@ def train_llm(lm_dir: str | Path, v2flow_model: Any, out_dir: str | Path, settin
              if k not in ("steps", "max_minutes", "threads", "save_every")}
     fingerprint = {"settings": fixed, "lm": str(lm_path), "v2flow_sha256": sha}
     if resume and state_path.is_file():
-        try:
-            st = torch.load(state_path, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise CheckpointError(f"cannot resume from {state_path}: {exc}") from None
+        st = safe_torch_load(state_path)
+        state_keys = ("fingerprint", "model", "optimizer", "rng", "step")
+        if not isinstance(st, dict) or any(k not in st for k in state_keys):
+            raise CheckpointError(f"cannot resume from {state_path}: not a training state written by this package "
+                                  f"(expected a dict with {list(state_keys)}); use --no-resume or a new --out")
         if st.get("fingerprint") != fingerprint:
             raise CheckpointError(f"{state_path} was written for other settings or models; use a new output folder "
                                   "or --no-resume")

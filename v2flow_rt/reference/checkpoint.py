@@ -80,7 +80,7 @@ def from_pretrained(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         config = V2FlowConfig.from_file(folder / CONFIG_NAME)
     except ConfigError as exc:
-        raise CheckpointError(f"{folder / CONFIG_NAME}: {exc}") from None
+        raise CheckpointError(str(exc)) from None   # names the file
     try:
         state = load_file(str(folder / WEIGHTS_NAME), device=str(map_location))
     except Exception as exc:  # safetensors raises its own error types for truncated/corrupt headers
@@ -122,25 +122,38 @@ def attach_codec(folder: str | Path, dcae_dir: str | Path, copy: bool = False) -
 # ----------------------------------------------------------------------------- official checkpoints
 
 
+def safe_torch_load(path: str | Path, *, allowed: tuple[type, ...] = (), mmap: bool = False) -> Any:
+    """``torch.load(weights_only=True)`` (with ``allowed`` classes too), whose every failure is a one-line
+    CheckpointError naming the file: a pickle that would import or call code is said to be one and is not loaded,
+    anything else is reported as not a readable torch file."""
+    path = Path(path)
+    try:
+        with torch.serialization.safe_globals(list(allowed)):
+            try:
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+            except RuntimeError as exc:
+                if not mmap or "mmap" not in str(exc):
+                    raise
+                return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError, ...
+        text = str(exc)
+        found = re.search(r"GLOBAL ([\w.]+)", text)
+        if found or "Unsupported global" in text:
+            named = f" (it names {found.group(1)})" if found else ""
+            raise CheckpointError(f"{path}: not loaded: it is a pickle that would run code when loaded{named}; "
+                                  f"only tensors, containers and numbers are read") from None
+        lines = [ln.strip() for ln in text.replace("WeightsUnpickler error:", "\n").splitlines() if ln.strip()]
+        torch_text = ("Weights only load failed", "Please file", "Check the")     # torch's advice, not the cause
+        detail = next((ln for ln in lines if not ln.startswith(torch_text)), type(exc).__name__)
+        raise CheckpointError(f"{path} is not a readable torch file (truncated or corrupt?): {detail}") from None
+
+
 def read_official(path: str | Path) -> dict[str, Any]:
     """Read an official ``checkpoint-last.pth`` without executing code (mmap'd when possible)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            try:
-                ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            except RuntimeError as exc:
-                if "mmap" not in str(exc):
-                    raise
-                ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        text = str(exc).split("\n")[0]
-        if "weights_only" in str(exc) or "Unsupported global" in str(exc):
-            raise CheckpointError(f"{path}: refusing to unpickle it, it holds objects that could execute code "
-                                  f"({text})") from None
-        raise CheckpointError(f"{path} is not a readable torch checkpoint (truncated or corrupt?): {text}") from None
+    ckpt = safe_torch_load(path, allowed=(argparse.Namespace,), mmap=True)
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         keys = sorted(ckpt)[:8] if isinstance(ckpt, dict) else type(ckpt).__name__
         raise CheckpointError(f"{path}: expected a dict with 'model' (and 'model_ema', 'args'), found {keys}")
