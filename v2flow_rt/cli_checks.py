@@ -19,6 +19,7 @@ from .errors import ConfigError, V2FlowError
 from .manifest import PRECISIONS
 from .sampling.loop import MAX_CFG, MAX_NUM_ITER, MAX_STEPS, MAX_TEMPERATURE, check_float, check_int
 
+TORCH_PRECISIONS = ("fp32", "fp16", "bf16")
 TRAINING = ("train", "train-llm")
 THREADS_ZERO_OK = ("train", "train-llm", "generate")       # their --threads 0 means the library's default
 IMAGE_OUT = ("detokenize", "reconstruct", "generate")      # --out is an image file
@@ -64,6 +65,11 @@ def check_options(a: argparse.Namespace) -> None:
     floats("prompt_drop", 0.0, 1.0)
     if cmd == "export":
         _precision_list("--precision", a.precision)
+    elif isinstance(v.get("precision"), str) and isinstance(v.get("backend"), str) and cmd != "generate":
+        known = TORCH_PRECISIONS if a.backend.startswith("torch") else PRECISIONS
+        if a.precision not in known:
+            raise ConfigError(f"unknown precision {a.precision!r}; choose one of {', '.join(known)} "
+                              f"(backend {a.backend})")
     for name in ("precisions",):
         if isinstance(v.get(name), str) and cmd in ("bench", "demo", "build"):
             _precision_list(_opt(name), v[name])

@@ -328,24 +328,23 @@ def import_official_folder(checkpoint: str | Path, out: str | Path, use_ema: boo
     from tqdm import tqdm
 
     report: dict[str, Any] = {}
-    bar = tqdm(total=3, desc="import", unit="step", disable=not progress, leave=False)
-    bar.set_postfix_str("reading (mmap)")
-    model = import_official(checkpoint, use_ema=use_ema, report=report)
-    if codec is not None:
-        check_dcae_folder(codec, model.config)   # refuse a mismatched codec before writing anything
-    bar.update()
-
-    def write(tmp: Path) -> None:
-        bar.set_postfix_str(f"writing {WEIGHTS_NAME}")
-        save_pretrained(model, tmp)
-        bar.update()
+    with tqdm(total=3, desc="import", unit="step", disable=not progress, leave=False) as bar:   # cleared on errors
+        bar.set_postfix_str("reading (mmap)")
+        model = import_official(checkpoint, use_ema=use_ema, report=report)
         if codec is not None:
-            bar.set_postfix_str("codec")
-            attach_codec(tmp, codec, copy=copy_codec)
+            check_dcae_folder(codec, model.config)   # refuse a mismatched codec before writing anything
         bar.update()
 
-    folder = _new_folder(Path(out), write)
-    bar.close()
+        def write(tmp: Path) -> None:
+            bar.set_postfix_str(f"writing {WEIGHTS_NAME}")
+            save_pretrained(model, tmp)
+            bar.update()
+            if codec is not None:
+                bar.set_postfix_str("codec")
+                attach_codec(tmp, codec, copy=copy_codec)
+            bar.update()
+
+        folder = _new_folder(Path(out), write)
     report.update({"folder": str(folder), "codec": (str(folder / DCAE_FOLDER) if copy_codec else str(codec))
                    if codec is not None else None})
     return report
