@@ -100,6 +100,42 @@ def record_stage(spec: StageSpec) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------- manifest
 
+# What each manifest field holds: (type, type of a dict's values or a list's items, how to say it).
+_FIELD_TYPES: dict[str, tuple[type, Any, str]] = {
+    "stages": (dict, dict, "an object of stage → recorded spec"),
+    "files": (dict, (dict, str), "an object of precision → stage → file name"),
+    "sha256": (dict, str, "an object of file name → hash"),
+    "opset": (int, None, "an integer"),
+    "source_checkpoint_sha256": (str, None, "a string"),
+    "stage_options": (dict, None, "an object"),
+    "source_checkpoint": (str, None, "a string"),
+    "tokenizer_sha256": (str, None, "a string"),
+    "versions": (dict, None, "an object"),
+    "parity": (dict, dict, "an object of precision → stage → figures"),
+    "quality": (dict, dict, "an object of precision → figures"),
+    "precision_notes": (dict, dict, "an object of precision → stage → notes"),
+    "constants": (dict, list, "an object of name → list of numbers"),
+    "notes": (list, str, "a list of strings"),
+    "packages": (dict, str, "an object of stage → file name"),
+    "timings": (dict, None, "an object"),
+    "created": (str, None, "a string"),
+}
+
+
+def _is(value: Any, kind: type, inner: Any) -> bool:
+    if not isinstance(value, kind) or isinstance(value, bool):
+        return False
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+    if isinstance(inner, tuple):            # a dict of dicts of ``inner[1]``
+        return all(_is(v, inner[0], inner[1]) for v in items)
+    return inner is None or all(isinstance(v, inner) for v in items)
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, allow_nan=True)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 @dataclass
 class Manifest:
     """The description of one export folder.
@@ -188,7 +224,7 @@ class Manifest:
             raise ArtifactError(f"stage {stage!r} is not in this export; exported stages: {', '.join(self.stages)}")
         try:
             spec = stage_specs(self.config, **self.stage_options)[stage]
-        except (KeyError, TypeError) as exc:
+        except (KeyError, TypeError, ValueError) as exc:    # ConfigError / ShapeError are ValueErrors
             raise ArtifactError(f"cannot rebuild stage {stage!r} from the manifest's stage options "
                                 f"{self.stage_options}: {exc}") from None
         if record_stage(spec) != self.stages[stage]:
@@ -239,15 +275,13 @@ class Manifest:
             config = V2FlowConfig.from_dict(data["config"])
         except ConfigError as exc:
             raise ArtifactError(f"{where}: bad config: {exc}") from None
-        files, sha = data["files"], data["sha256"]
-        if not (isinstance(files, dict) and all(isinstance(v, dict) for v in files.values())
-                and isinstance(sha, dict)):
-            raise ArtifactError(f"{where}: 'files' must map precision → stage → file and 'sha256' file → hash")
-        optional = ("stage_options", "source_checkpoint", "tokenizer_sha256", "versions", "parity", "quality",
-                    "precision_notes", "constants", "notes", "packages", "timings", "created")
-        return cls(config=config, stages=data["stages"], files=files, sha256=sha, opset=int(data["opset"]),
-                   source_checkpoint_sha256=str(data["source_checkpoint_sha256"]),
-                   **{k: data[k] for k in optional if k in data})
+        for key, (kind, inner, words) in _FIELD_TYPES.items():
+            if key in data and not _is(data[key], kind, inner):
+                raise ArtifactError(f"{where}: {key!r} must be {words}, got {_short(data[key])}")
+        optional = [k for k in _FIELD_TYPES if k not in required and k in data]
+        return cls(config=config, stages=data["stages"], files=data["files"], sha256=data["sha256"],
+                   opset=data["opset"], source_checkpoint_sha256=data["source_checkpoint_sha256"],
+                   **{k: data[k] for k in optional})
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=False, allow_nan=True)
