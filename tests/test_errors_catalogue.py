@@ -336,3 +336,32 @@ def re_search(pattern: str, text: str) -> bool:
     import re
 
     return re.search(pattern, text) is not None
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    from v2flow_rt.pipeline import V2FlowPipeline
+
+    return V2FlowPipeline.from_pretrained("default", backend="torch")
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"seed": -1}, r"seed must be in \[0, "), ({"steps": 2.5}, r"steps must be an integer, got 2\.5"),
+    ({"steps": 10 ** 9}, r"steps must be in \[1, 1000\]"), ({"temperature": float("nan")}, r"temperature must be"),
+    ({"cfg": 1e30}, r"cfg_scale must be a finite number in \[0, 100\]"), ({"seed": 1.5}, r"seed must be an integer"),
+])
+def test_the_api_refuses_what_the_cli_refuses(pipe, kwargs: dict[str, object], message: str) -> None:
+    from v2flow_rt.errors import ConfigError
+
+    ids = np.zeros((1, pipe.config.num_tokens), dtype=np.int64)
+    with pytest.raises(ConfigError, match=message):
+        pipe.detokenize(ids, **kwargs)
+
+
+@pytest.mark.parametrize("threads", [-3, -1, 2.5, "4"])
+def test_engines_refuse_bad_thread_counts(threads: object) -> None:
+    from v2flow_rt.errors import ConfigError
+    from v2flow_rt.pipeline import V2FlowPipeline
+
+    with pytest.raises(ConfigError, match="threads must be a positive integer"):
+        V2FlowPipeline.from_pretrained("default", backend="torch", threads=threads)  # type: ignore[arg-type]

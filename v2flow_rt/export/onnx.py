@@ -223,6 +223,8 @@ def export_model(model: V2Flow | str | os.PathLike[str], out_dir: str | os.PathL
         ParityError: an fp32 graph disagrees with PyTorch.
         CheckpointError: ``model`` names an unreadable checkpoint.
     """
+    if not list(precisions):
+        raise ExportError(f"no precision given; choose from {', '.join(PRECISIONS)}")
     bad = [p for p in precisions if p not in PRECISIONS]
     if bad:
         raise ExportError(f"unknown precision(s) {bad}; choose from {', '.join(PRECISIONS)}")

@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import struct
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -23,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import CheckpointError, LLMError
-from ..fileio import swap_folder
+from ..fileio import staged_folder
 
 # Input-embedding names of the common causal-LM families, tried in this order.
 EMBEDDING_TENSOR_NAMES = (
@@ -287,9 +285,7 @@ def create_base_lm(out_dir: str | os.PathLike[str], *, vocab_size: int = 1024, h
     from transformers import LlamaConfig, LlamaForCausalLM
 
     out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
+    with staged_folder(out) as tmp:   # swapped into place of out when the block succeeds
         config = LlamaConfig(
             vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
             num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_heads,
@@ -301,12 +297,8 @@ def create_base_lm(out_dir: str | os.PathLike[str], *, vocab_size: int = 1024, h
         model.save_pretrained(tmp)
         _train_tokenizer(vocab_size, max_position_embeddings).save_pretrained(tmp)
         _portable_tokenizer_class(tmp / "tokenizer_config.json")
-        tmp.chmod(0o755)  # mkdtemp makes it private; the folder is a shipped asset
         for f in tmp.iterdir():
             f.chmod(0o644)
-        swap_folder(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from ..errors import CheckpointError, LLMError
-from ..fileio import atomic_write, swap_folder
+from ..fileio import atomic_write, staged_folder
 from ..reference.checkpoint import safe_torch_load
 from ..reference.codecs import build_codec
 from .captions import SUBJECTS, subject_crops
@@ -227,20 +227,13 @@ def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
 
 def _save_final(model: Any, lm_path: Path, final: Path, record: dict[str, Any]) -> Path:
     """The trained weights + the expanded LM's tokenizer and v2flow.json + training.json, atomically."""
-    import tempfile
 
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
-    try:
+    with staged_folder(final) as tmp:   # swapped into place of final when the block succeeds
         model.save_pretrained(tmp)
         for f in lm_path.iterdir():
             if f.name.startswith("tokenizer") or f.name in (META_NAME, "special_tokens_map.json"):
                 shutil.copy2(f, tmp / f.name)
         (tmp / "training.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-        tmp.chmod(0o755)
         for f in tmp.iterdir():
             f.chmod(0o644)
-        swap_folder(tmp, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return final

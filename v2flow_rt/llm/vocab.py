@@ -27,8 +27,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -36,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import LLMError
-from ..fileio import file_sha256, swap_folder  # noqa: F401  (file_sha256 re-exported)
+from ..fileio import file_sha256, staged_folder  # noqa: F401  (file_sha256 re-exported)
 from ..manifest import tokenizer_sha256  # noqa: F401  (re-exported: LMs record it in v2flow.json)
 
 META_NAME = "v2flow.json"
@@ -323,15 +321,9 @@ def expand_vocabulary(lm_dir: str | os.PathLike[str], v2flow_model: Any, out_dir
         image_size=v2f.config.img_size, projection=used, embedding_norm=norm, source_lm=str(lm_path))
 
     out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
+    with staged_folder(out) as tmp:   # swapped into place of out when the block succeeds
         lm.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / META_NAME).write_text(meta.to_json(), encoding="utf-8")
-        tmp.chmod(0o755)
-        swap_folder(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
