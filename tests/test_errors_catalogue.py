@@ -70,6 +70,9 @@ def _fixtures(d: Path) -> None:
     (d / "notjson").mkdir()
     (d / "notjson" / "config.json").write_text("{oops")
     (d / "notjson" / "model.safetensors").symlink_to(DEFAULT / "model.safetensors")
+    (d / "latin1cfg").mkdir()
+    (d / "latin1cfg" / "config.json").write_bytes(b'{"name": "caf\xe9"}')
+    (d / "latin1cfg" / "model.safetensors").symlink_to(DEFAULT / "model.safetensors")
     (d / "badweights").mkdir()
     shutil.copy(DEFAULT / "config.json", d / "badweights" / "config.json")
     (d / "badweights" / "model.safetensors").write_bytes(b"\x00" * 16)
@@ -156,6 +159,8 @@ CASES: list[tuple[list[str], str]] = [
     (["detokenize", f"{D}/good.npy", "--out", "o.png", "--model", f"{D}/unknownkey"], r"unknown config field.*colour"),
     (["detokenize", f"{D}/good.npy", "--out", "o.png", "--model", f"{D}/nanfield"], r"time_shift must be finite"),
     (["detokenize", f"{D}/good.npy", "--out", "o.png", "--model", f"{D}/notjson"], r"config is not valid JSON"),
+    (["detokenize", f"{D}/good.npy", "--out", "o.png", "--model", f"{D}/latin1cfg"],
+     r"latin1cfg/config\.json: not UTF-8 text"),
     (["detokenize", f"{D}/good.npy", "--out", "o.png", "--model", f"{D}/badweights"],
      r"model\.safetensors is not a readable safetensors file"),
     (["detokenize", f"{D}/good.npy", "--out", "o.png", "--backend", "ort", "--precision", "fp64"],
@@ -220,6 +225,8 @@ CASES: list[tuple[list[str], str]] = [
     (["train", "--config", f"{D}/train_cfg.json", "--out", "t"], r"train_cfg\.json: .*temperature must be a number"),
     (["train", "--config", f"{D}/nothere.json", "--out", "t"], r"config file .*nothere\.json does not exist"),
     (["train", "--out", "t", "--steps", "0"], r"--steps must be >= 1, got 0"),
+    (["train", "--out", f"{D}/resume", "--steps", "1", "--threads", "1"],
+     r"cannot resume from .*resume/train_state\.pt: not a training state written by this package"),
     (["train", "--out", "t", "--lr", "nan"], r"--lr must be a finite number"),
     (["train", "--out", "t", "--batch-size", "0"], r"--batch-size must be >= 1"),
     (["train", "--out", "t", "--threads", "-1"], r"--threads must be >= 0, got -1"),
