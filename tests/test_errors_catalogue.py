@@ -24,6 +24,8 @@ def _fixtures(d: Path) -> None:
 
     np.save(d / "good.npy", np.zeros((1, 64), dtype=np.int64))
     np.save(d / "float.npy", np.full((1, 64), 1.9))
+    np.save(d / "outofrange.npy", np.full((1, 64), 99999, dtype=np.int64))
+    np.save(d / "short.npy", np.zeros((1, 10), dtype=np.int64))
     np.save(d / "bool.npy", np.ones((1, 64), dtype=bool))
     np.save(d / "empty.npy", np.zeros((0, 64), dtype=np.int64))
     np.save(d / "cube.npy", np.zeros((1, 2, 64), dtype=np.int64))
@@ -135,6 +137,8 @@ CASES: list[tuple[list[str], str]] = [
     (["detokenize", f"{D}/garbage.npy", "--out", "o.png"], r"garbage\.npy: not a \.npy or \.json file"),
     (["detokenize", f"{D}/notes.txt", "--out", "o.png"], r"notes\.txt: not a \.npy or \.json file"),
     (["detokenize", f"{D}/missing.npy", "--out", "o.png"], r"ids file .*missing\.npy does not exist"),
+    (["detokenize", f"{D}/outofrange.npy", "--out", "o.png"], r"ids must be in \[0, 4096\), got range \[99999"),
+    (["detokenize", f"{D}/short.npy", "--out", "o.png"], r"ids must be integers \[B, 64\], got int64 \(1, 10\)"),
     (["detokenize", f"{D}/folder", "--out", "o.png"], r"ids file .*folder is not a file"),
     # --- detokenize / reconstruct: options, checked before any work ---
     (["detokenize", f"{D}/good.npy", "--out", "o.png", "--seed", "-1"], r"--seed must be in \[0, "),
