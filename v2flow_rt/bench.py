@@ -104,7 +104,9 @@ def run_bench(model: str = "default", export_dir: str | None = None, precisions:
     from tqdm import tqdm
 
     from .data import HELDOUT_PHOTOS, fitting_crops, from_model_range, load_photo
+    from .machine_load import LoadMeter
 
+    meter = LoadMeter().start()     # other work on the machine moves the ratios: record it, warn about it
     pipes = _pipelines(model, export_dir, list(precisions), list(torch_modes), threads)
     base = pipes[next(iter(pipes))]
     cfg = base.config
@@ -163,7 +165,8 @@ def run_bench(model: str = "default", export_dir: str | None = None, precisions:
     return {
         "model": model, "config": cfg.name, "batch": batch, "repeat": repeat, "threads": threads,
         "sampler": settings.__dict__, "tokens_per_iteration": tokens_per_iteration(cfg.num_tokens, settings.num_iter),
-        "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count()},
+        "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
+                    "load": meter.stop()},
         "matmul_peak": peak, "flops": flops, "baseline": first, "results": results,
     }
 

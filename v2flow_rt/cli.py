@@ -109,6 +109,8 @@ def _cmd_bench(a: argparse.Namespace) -> int:
         Path(a.json).write_text(json.dumps(report, indent=2))
     if a.plot:
         plot(report, a.plot)
+    if report["machine"]["load"]["warning"]:
+        print(f"warning: {report['machine']['load']['warning']}", file=sys.stderr)
     for name, r in report["results"].items():
         print(f"{name:>16}: detokenize {r['detokenize']['median_ms']:8.1f} ms ({r['detokenize_speedup']:.2f}x)  "
               f"tokenize {r['tokenize']['median_ms']:7.2f} ms ({r['tokenize_speedup']:.2f}x)")
