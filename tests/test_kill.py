@@ -18,9 +18,9 @@ from v2flow_rt.manifest import Manifest
 STAGES = ["token_embed", "mar_step"]        # two small graphs: an export takes seconds, not minutes
 
 
-def _export_cmd(out: Path) -> list[str]:
+def _export_cmd(out: Path, stages: list[str] = STAGES) -> list[str]:
     return [sys.executable, "-m", "v2flow_rt.cli", "export", "default", "--out", str(out), "--stages",
-            ",".join(STAGES), "--quiet"]
+            ",".join(stages), "--quiet"]
 
 
 def _leftovers(out: Path) -> list[str]:
@@ -85,7 +85,9 @@ def test_kill_9_leaves_the_previous_export_and_the_next_cleans_up(tmp_path: Path
 @pytest.mark.slow
 def test_a_second_export_into_the_same_folder_is_refused(tmp_path: Path) -> None:
     out = tmp_path / "export"
-    proc = subprocess.Popen(_export_cmd(out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # more graphs than the second export needs to start and be refused: the first still runs then
+    first = _export_cmd(out, STAGES + ["velocity", "ode"])
+    proc = subprocess.Popen(first, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 240
         while _partial(out) is None and proc.poll() is None and time.monotonic() < deadline:
