@@ -32,13 +32,15 @@ def tiny_model():
     return V2Flow(get_preset("tiny")).eval()
 
 
-def official_small_config():
+def official_small_config(**overrides):
     """An official geometry (base-256: DC-AE latents 32×8×8, 64 tokens, D 768, 12 heads, velocity MLP
-    width 1536) with reduced depth and smaller vocabulary/codebook tables so that tests stay fast."""
+    width 1536) with reduced depth and smaller vocabulary/codebook tables so that tests stay fast;
+    ``overrides`` change fields of it."""
     from v2flow_rt.config import get_preset
 
-    return get_preset("base-256", encoder_depth=1, decoder_depth=1, flow_depth=2, resampler_depth=1,
-                      readout_depth=1, llm_vocab_size=2048, llm_dim=512, codebook_size=1024)
+    fields = {"encoder_depth": 1, "decoder_depth": 1, "flow_depth": 2, "resampler_depth": 1, "readout_depth": 1,
+              "llm_vocab_size": 2048, "llm_dim": 512, "codebook_size": 1024}
+    return get_preset("base-256", **{**fields, **overrides})
 
 
 @pytest.fixture(scope="session")

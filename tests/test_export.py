@@ -15,6 +15,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import conftest
 import numpy as np
 import onnx
 import pytest
@@ -50,9 +51,8 @@ def randomized(cfg: V2FlowConfig, seed: int = 0) -> V2Flow:
 
 
 def official_small_config() -> V2FlowConfig:
-    """base-256 (DC-AE latents 32×8×8, 64 tokens, D 768, 12 heads, velocity width 1536) at reduced depth."""
-    return get_preset("base-256", encoder_depth=1, decoder_depth=1, flow_depth=2, llm_vocab_size=512,
-                      codebook_size=1024, llm_dim=256, resampler_depth=1)
+    """conftest's small base-256, with a smaller LLM table and the official readout depth."""
+    return conftest.official_small_config(llm_vocab_size=512, llm_dim=256, readout_depth=2)
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from .config import V2FlowConfig
+from .fileio import atomic_write
 from .metrics import psnr
 from .pipeline import V2FlowPipeline
 from .sampling import SamplerSettings, evaluations, tokens_per_iteration
@@ -109,8 +110,9 @@ def run_bench(model: str = "default", export_dir: str | None = None, precisions:
     from tqdm import tqdm
 
     from .data import HELDOUT_PHOTOS, fitting_crops, from_model_range, load_photo
+    from .machine_load import LoadMeter
 
-    load_start = os.getloadavg()
+    meter = LoadMeter().start()     # other work on the machine moves the ratios: record it, warn about it
     pipes = _pipelines(model, export_dir, list(precisions), list(torch_modes), threads)
     base = pipes[next(iter(pipes))]
     cfg = base.config
@@ -181,10 +183,9 @@ def run_bench(model: str = "default", export_dir: str | None = None, precisions:
     return {
         "model": model, "config": cfg.name, "batch": batch, "repeat": repeat, "threads": threads,
         "sampler": settings.__dict__, "tokens_per_iteration": tokens_per_iteration(cfg.num_tokens, settings.num_iter),
-        "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count()},
+        "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
+                    "load": meter.stop()},
         "matmul_peak": peak, "flops": flops, "baseline": first, "results": results,
-        # 1/5/15-minute load averages before and after: a run that competed with other work shows here
-        "load": {"start": [round(x, 2) for x in load_start], "end": [round(x, 2) for x in os.getloadavg()]},
     }
 
 
@@ -209,7 +210,5 @@ def plot(report: dict[str, Any], png: str | Path) -> None:
     ax.legend()
     fig.tight_layout()
     Path(png).parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(png).with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, png)
+    atomic_write(png, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)

@@ -9,7 +9,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError, V2FlowError
+from .cli_checks import add_debug_flag, run_command
+from .errors import ConfigError
 
 BASE_LM = Path(__file__).resolve().parent / "assets" / "base_lm"
 
@@ -63,38 +64,21 @@ def _sampling(a: argparse.Namespace) -> dict[str, Any]:
 
 
 def _cmd_tokenize(a: argparse.Namespace) -> int:
-    import numpy as np
+    from .ids import save_ids
 
     ids = _pipeline(a).tokenize(a.images)
-    if a.out.endswith(".json"):
-        Path(a.out).write_text(json.dumps({"images": a.images, "ids": ids.tolist()}))
-    else:
-        np.save(a.out, ids)
-    print(f"wrote {a.out}: {ids.shape[0]} image(s) x {ids.shape[1]} tokens")
+    path = save_ids(a.out, ids, a.images)
+    print(f"wrote {path}: {ids.shape[0]} image(s) x {ids.shape[1]} tokens")
     return 0
-
-
-def _read_ids(path: str) -> Any:
-    import numpy as np
-
-    from .errors import ShapeError
-
-    if path.endswith(".json"):
-        data = json.loads(Path(path).read_text())
-        return np.asarray(data["ids"] if isinstance(data, dict) else data, dtype=np.int64)
-    try:
-        return np.load(path)
-    except (OSError, ValueError) as exc:
-        raise ShapeError(f"{path}: not a .npy or .json file of token ids ({exc})") from None
 
 
 def _cmd_detokenize(a: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from .data import save_image
+    from .ids import load_ids
 
-    ids = _read_ids(a.ids)
-    ids = ids[None] if ids.ndim == 1 else ids
+    ids = load_ids(a.ids)                                                       # [B, L]
     pipe = _pipeline(a)
     out = Path(a.out)
     for i in tqdm(range(len(ids)), desc="detokenize", disable=len(ids) < 2):
@@ -131,6 +115,8 @@ def _cmd_bench(a: argparse.Namespace) -> int:
         Path(a.json).write_text(json.dumps(report, indent=2))
     if a.plot:
         plot(report, a.plot)
+    if report["machine"]["load"]["warning"]:
+        print(f"warning: {report['machine']['load']['warning']}", file=sys.stderr)
     for name, r in report["results"].items():
         print(f"{name:>16}: detokenize {r['detokenize']['median_ms']:8.1f} ms ({r['detokenize_speedup']:.2f}x)  "
               f"tokenize {r['tokenize']['median_ms']:7.2f} ms ({r['tokenize_speedup']:.2f}x)")
@@ -375,17 +361,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_llm_commands(sub)
     from .scale.commands import add_commands as add_scale_commands  # tokenize-dataset, serve, triton-repo, ...
     add_scale_commands(sub)
+    add_debug_flag(parser, sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     func: Callable[[Any], int] = args.func
-    try:
-        return func(args)
-    except V2FlowError as exc:
-        print(f"v2flow-rt {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+    return run_command(func, args)     # options checked first; a user's error is one line and exit 2
 
 
 if __name__ == "__main__":

@@ -26,6 +26,12 @@ CFG_SCHEDULES = ("constant", "linear")
 DCAE_SCALE = 0.41407
 
 
+_FIELD_TYPES: dict[str, tuple[type, ...]] = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,),
+                                             "dict[str, Any]": (dict,)}
+_TYPE_WORDS = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false",
+               "dict[str, Any]": "a JSON object"}
+
+
 @dataclass
 class V2FlowConfig:
     """Everything that fixes a V2Flow model's shapes, plus its training and sampling defaults."""
@@ -107,6 +113,12 @@ class V2FlowConfig:
             if not ok:
                 raise ConfigError(f"config {self.name!r}: {msg}")
 
+        for f in dataclasses.fields(self):     # types first: a JSON file can hold anything in any field
+            value, kinds = getattr(self, f.name), _FIELD_TYPES[str(f.type)]
+            need(isinstance(value, kinds) and (bool in kinds or not isinstance(value, bool)),
+                 f"{f.name} must be {_TYPE_WORDS[str(f.type)]}, got {value!r} ({type(value).__name__})")
+            need(not isinstance(value, float) or math.isfinite(value), f"{f.name} must be finite, got {value!r}")
+
         ints = ["img_size", "codec_stride", "latent_channels", "llm_vocab_size", "llm_dim",
                 "resampler_hidden", "resampler_depth", "readout_depth", "codebook_size", "encoder_dim",
                 "encoder_depth", "encoder_heads", "decoder_dim", "decoder_depth", "decoder_heads",
@@ -179,7 +191,12 @@ class V2FlowConfig:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
-        return cls.from_json(path.read_text())
+        try:
+            return cls.from_json(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
 
     def replace(self, **changes: Any) -> "V2FlowConfig":
         """A validated copy with some fields changed."""

@@ -14,7 +14,6 @@ import importlib.util
 import io
 import os
 import struct
-import tempfile
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,6 +22,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from .errors import ImageError, ShapeError
+from .fileio import atomic_write
 
 # name -> (package, file inside that package's sample-data folder)
 PHOTOS: dict[str, tuple[str, str]] = {
@@ -403,21 +403,13 @@ def fitting_crops(images: Sequence[np.ndarray], size: int, per_image: int = 8, s
 # ----------------------------------------------------------------------------- writing
 
 def _save_atomic(path: str | os.PathLike[str], pil: Image.Image) -> None:
-    """Save via a temp file in the target folder, then os.replace: readers never see half a file."""
+    """Save through ``fileio.atomic_write``: readers never see half a file."""
     p = Path(path)
     fmt = Image.registered_extensions().get(p.suffix.lower())
     if fmt is None:
         raise ImageError(f"{p}: unknown image file extension {p.suffix!r}; expected e.g. .png")
     p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            pil.save(f, format=fmt)
-        os.replace(tmp, p)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(p, lambda tmp: pil.save(tmp, format=fmt))
 
 
 def save_image(path: str | os.PathLike[str], img: np.ndarray) -> None:

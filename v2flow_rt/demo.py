@@ -7,11 +7,11 @@ reconstruct the held-out photos on the fastest backend, and write a short report
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from .data import HELDOUT_PHOTOS, fitting_crops, from_model_range, load_photo, save_grid
 from .errors import ArtifactError
+from .fileio import atomic_write_text
 from .manifest import Manifest
 from .metrics import grid_baseline, psnr, ssim
 
@@ -85,9 +85,7 @@ def run_demo(out: str | Path, model: str = "default", precisions: tuple[str, ...
               "Manifest quality figures (per precision):", "", "```",
               json.dumps(manifest.quality, indent=1), "```", ""]
     path = out / "report.md"
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("\n".join(lines))
-    os.replace(tmp, path)
+    atomic_write_text(path, "\n".join(lines))
     return path
 
 

@@ -62,3 +62,7 @@ class DatasetError(V2FlowError):
 
 class ServingError(V2FlowError):
     """The Triton server cannot start or a model repository cannot be written (names what is missing)."""
+
+
+class BusyError(V2FlowError):
+    """Another live process is writing the same output (names the output, the other writer's pid and the lock)."""

@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ import numpy as np
 
 from .config import V2FlowConfig
 from .errors import ArtifactError, ConfigError
+from .fileio import atomic_write_text, current_umask, file_sha256  # noqa: F401  (re-exported)
 from .stages import StageSpec, stage_specs
 
 MANIFEST_NAME = "manifest.json"
@@ -35,15 +35,6 @@ _WEIGHTS_NAME = "model.safetensors"
 
 
 # ----------------------------------------------------------------------------- hashing
-
-def file_sha256(path: str | os.PathLike[str], chunk: int = 1 << 22) -> str:
-    """Hex sha256 of a file, read in 4 MiB chunks (graphs can be several GB)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
 
 def checkpoint_sha256(path: str | os.PathLike[str]) -> str:
     """The identity of a checkpoint: sha256 of a file, or of ``model.safetensors`` in a model folder.
@@ -107,29 +98,43 @@ def record_stage(spec: StageSpec) -> dict[str, Any]:
     return json.loads(json.dumps(rec))  # normalise tuples and numpy scalars the way a reload sees them
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    """Write through a temp file in the same folder, then rename: a reader never sees half a manifest."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~current_umask())   # mkstemp makes it owner-only; a manifest is meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def current_umask() -> int:
-    """The process umask (os.umask can only be read by setting it)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 # ----------------------------------------------------------------------------- manifest
+
+# What each manifest field holds: (type, type of a dict's values or a list's items, how to say it).
+_FIELD_TYPES: dict[str, tuple[type, Any, str]] = {
+    "stages": (dict, dict, "an object of stage → recorded spec"),
+    "files": (dict, (dict, str), "an object of precision → stage → file name"),
+    "sha256": (dict, str, "an object of file name → hash"),
+    "opset": (int, None, "an integer"),
+    "source_checkpoint_sha256": (str, None, "a string"),
+    "stage_options": (dict, None, "an object"),
+    "source_checkpoint": (str, None, "a string"),
+    "tokenizer_sha256": (str, None, "a string"),
+    "versions": (dict, None, "an object"),
+    "parity": (dict, dict, "an object of precision → stage → figures"),
+    "quality": (dict, dict, "an object of precision → figures"),
+    "precision_notes": (dict, dict, "an object of precision → stage → notes"),
+    "constants": (dict, list, "an object of name → list of numbers"),
+    "notes": (list, str, "a list of strings"),
+    "packages": (dict, str, "an object of stage → file name"),
+    "timings": (dict, None, "an object"),
+    "created": (str, None, "a string"),
+}
+
+
+def _is(value: Any, kind: type, inner: Any) -> bool:
+    if not isinstance(value, kind) or isinstance(value, bool):
+        return False
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+    if isinstance(inner, tuple):            # a dict of dicts of ``inner[1]``
+        return all(_is(v, inner[0], inner[1]) for v in items)
+    return inner is None or all(isinstance(v, inner) for v in items)
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, allow_nan=True)
+    return text if len(text) <= 60 else text[:57] + "..."
+
 
 @dataclass
 class Manifest:
@@ -219,7 +224,7 @@ class Manifest:
             raise ArtifactError(f"stage {stage!r} is not in this export; exported stages: {', '.join(self.stages)}")
         try:
             spec = stage_specs(self.config, **self.stage_options)[stage]
-        except (KeyError, TypeError) as exc:
+        except (KeyError, TypeError, ValueError) as exc:    # ConfigError / ShapeError are ValueErrors
             raise ArtifactError(f"cannot rebuild stage {stage!r} from the manifest's stage options "
                                 f"{self.stage_options}: {exc}") from None
         if record_stage(spec) != self.stages[stage]:
@@ -270,15 +275,13 @@ class Manifest:
             config = V2FlowConfig.from_dict(data["config"])
         except ConfigError as exc:
             raise ArtifactError(f"{where}: bad config: {exc}") from None
-        files, sha = data["files"], data["sha256"]
-        if not (isinstance(files, dict) and all(isinstance(v, dict) for v in files.values())
-                and isinstance(sha, dict)):
-            raise ArtifactError(f"{where}: 'files' must map precision → stage → file and 'sha256' file → hash")
-        optional = ("stage_options", "source_checkpoint", "tokenizer_sha256", "versions", "parity", "quality",
-                    "precision_notes", "constants", "notes", "packages", "timings", "created")
-        return cls(config=config, stages=data["stages"], files=files, sha256=sha, opset=int(data["opset"]),
-                   source_checkpoint_sha256=str(data["source_checkpoint_sha256"]),
-                   **{k: data[k] for k in optional if k in data})
+        for key, (kind, inner, words) in _FIELD_TYPES.items():
+            if key in data and not _is(data[key], kind, inner):
+                raise ArtifactError(f"{where}: {key!r} must be {words}, got {_short(data[key])}")
+        optional = [k for k in _FIELD_TYPES if k not in required and k in data]
+        return cls(config=config, stages=data["stages"], files=data["files"], sha256=data["sha256"],
+                   opset=data["opset"], source_checkpoint_sha256=data["source_checkpoint_sha256"],
+                   **{k: data[k] for k in optional})
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=False, allow_nan=True)
@@ -288,7 +291,7 @@ class Manifest:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / MANIFEST_NAME
-        _atomic_write_text(path, self.to_json())
+        atomic_write_text(path, self.to_json())
         self.folder = folder
         return path
 
@@ -302,7 +305,8 @@ class Manifest:
         """
         folder = Path(folder)
         if not folder.is_dir():
-            raise ArtifactError(f"export folder {folder} does not exist")
+            raise ArtifactError(f"{folder} is a file, not an export folder" if folder.exists() else
+                                f"export folder {folder} does not exist")
         path = folder / MANIFEST_NAME
         if not path.is_file():
             raise ArtifactError(f"{folder} has no {MANIFEST_NAME}: not an export folder, or an export that did "

@@ -7,8 +7,17 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import ShapeError
+from ..errors import ConfigError, ShapeError
 from ..stages import StageSpec
+
+
+def check_threads(threads: Any) -> int | None:
+    """None or 0 (the library's default), or a positive number of threads; ConfigError otherwise."""
+    if threads is None:
+        return None
+    if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or threads < 0:
+        raise ConfigError(f"threads must be a positive integer (or 0/None for the default), got {threads!r}")
+    return int(threads) or None
 
 
 class Engine(abc.ABC):

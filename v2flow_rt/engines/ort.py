@@ -14,10 +14,10 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import ArtifactError, BackendUnavailable
-from ..manifest import Manifest
+from ..errors import ArtifactError, BackendUnavailable, ConfigError
+from ..manifest import PRECISIONS, Manifest
 from ..stages import ONE_CALL_STAGES
-from .base import Engine
+from .base import Engine, check_threads
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
              "tensorrt": "TensorrtExecutionProvider"}
@@ -45,6 +45,8 @@ class OrtEngine(Engine):
         """``cuda_graph`` (provider ``cuda``): capture each one-call stage (``tokenize``, ``detokenize``) as a
         CUDA graph per input shape on its first call and replay it afterwards, one launch per request;
         its inputs and outputs live in device buffers bound once per shape (ORT's ``enable_cuda_graph``)."""
+        if precision not in PRECISIONS:
+            raise ConfigError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
         ort = _ort()
         self.manifest = Manifest.load(folder, verify=verify)
         if precision not in self.manifest.precisions:
@@ -58,6 +60,7 @@ class OrtEngine(Engine):
                 f"install onnxruntime-gpu (instead of onnxruntime) on a machine with an NVIDIA GPU")
         if cuda_graph and provider != "cuda":
             raise BackendUnavailable(f"CUDA graphs need the cuda provider, not {provider!r}")
+        threads = check_threads(threads)
         self.precision, self.provider, self.threads, self.device_id = precision, provider, threads, device_id
         self.cuda_graph = cuda_graph
         self._bound: dict[tuple[str, tuple[tuple[int, ...], ...]], tuple[Any, dict[str, Any], Any]] = {}

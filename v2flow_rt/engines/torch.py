@@ -22,7 +22,7 @@ from ..reference.codecs import build_codec
 from ..reference.model import V2Flow
 from ..reference.stage_modules import stage_module
 from ..stages import stage_specs
-from .base import Engine
+from .base import Engine, check_threads
 
 MODES = ("eager", "compile", "cudagraph")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -46,6 +46,7 @@ class TorchEngine(Engine):
             raise BackendUnavailable("CUDA graphs need a CUDA device; use mode='compile' on the CPU")
         if precision != "fp32" and not device.startswith("cuda"):
             raise BackendUnavailable(f"{precision} torch inference is meant for CUDA; this device is {device}")
+        threads = check_threads(threads)
         if threads:
             torch.set_num_threads(threads)
         self.model = model.eval().to(device)

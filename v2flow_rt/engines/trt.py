@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ArtifactError, BackendUnavailable
+from ..fileio import atomic_write_bytes
 from ..manifest import Manifest
 from ..stages import StageSpec
 from .base import Engine
@@ -69,9 +70,7 @@ def build_plan(onnx_path: Path, spec: StageSpec, plan_path: Path, timing_cache: 
     if plan is None:
         raise ArtifactError(f"TensorRT failed to build {onnx_path} (see the TensorRT log above)")
     timing_cache.write_bytes(memoryview(config.get_timing_cache().serialize()))
-    tmp = plan_path.with_suffix(".tmp")
-    tmp.write_bytes(memoryview(plan))
-    os.replace(tmp, plan_path)
+    atomic_write_bytes(plan_path, memoryview(plan))
 
 
 class TrtEngine(Engine):

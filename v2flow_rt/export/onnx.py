@@ -24,10 +24,7 @@ import datetime as _dt
 import hashlib
 import os
 import platform
-import shutil
-import tempfile
 import time
-import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -39,13 +36,12 @@ import torch
 
 from .. import __version__
 from ..errors import ExportError, V2FlowError
+from ..fileio import file_sha256, staged_folder, writer_lock
 from ..manifest import (
     MANIFEST_NAME,
     PRECISIONS,
     Manifest,
     checkpoint_sha256,
-    current_umask,
-    file_sha256,
     record_stage,
     tokenizer_sha256,
 )
@@ -188,22 +184,6 @@ def _check_target(out_dir: Path) -> None:
                           f"not an export folder (choose another --out or empty it)")
 
 
-def _swap_into_place(tmp: Path, out_dir: Path) -> None:
-    """Move the finished export to ``out_dir``; an existing export is moved aside first, deleted last."""
-    _check_target(out_dir)
-    if not out_dir.exists():
-        os.replace(tmp, out_dir)
-        return
-    old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
-    os.replace(out_dir, old)
-    try:
-        os.replace(tmp, out_dir)
-    except BaseException:
-        os.replace(old, out_dir)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def export_model(model: V2Flow | str | os.PathLike[str], out_dir: str | os.PathLike[str],
                  precisions: Sequence[str] = ("fp32",), opset: int = 18, max_batch: int = 16, progress: bool = True,
                  *, stages: Sequence[str] | None = None, steps: int | None = None, solver: str | None = None,
@@ -243,6 +223,8 @@ def export_model(model: V2Flow | str | os.PathLike[str], out_dir: str | os.PathL
         ParityError: an fp32 graph disagrees with PyTorch.
         CheckpointError: ``model`` names an unreadable checkpoint.
     """
+    if not list(precisions):
+        raise ExportError(f"no precision given; choose from {', '.join(PRECISIONS)}")
     bad = [p for p in precisions if p not in PRECISIONS]
     if bad:
         raise ExportError(f"unknown precision(s) {bad}; choose from {', '.join(PRECISIONS)}")
@@ -252,6 +234,17 @@ def export_model(model: V2Flow | str | os.PathLike[str], out_dir: str | os.PathL
     precisions = ["fp32"] + [p for p in dict.fromkeys(precisions) if p != "fp32"]
     out = Path(out_dir)
     _check_target(out)
+    with writer_lock(out):       # a second export into the same folder is refused now, not discarded later
+        return _export_locked(model, out, precisions, opset, max_batch, progress, stages, steps, solver, shift,
+                              source, dcae_path, validate, quality, calib_images, quality_per_image, parity_photos,
+                              seed, aoti, sampler)
+
+
+def _export_locked(model: V2Flow | str | os.PathLike[str], out: Path, precisions: list[str], opset: int,
+                   max_batch: int, progress: bool, stages: Sequence[str] | None, steps: int | None,
+                   solver: str | None, shift: float | None, source: str | os.PathLike[str] | None,
+                   dcae_path: str | None, validate: bool, quality: bool, calib_images: int, quality_per_image: int,
+                   parity_photos: int, seed: int, aoti: bool, sampler: dict[str, Any] | None) -> Manifest:
     net, source_path, source_sha = _resolve(model, source)
     cfg = net.config
     extra = {k: v for k, v in (sampler or {}).items() if v is not None}
@@ -282,10 +275,7 @@ def export_model(model: V2Flow | str | os.PathLike[str], out_dir: str | os.PathL
                                   if s not in NEEDS_CODEC or codec is not None}, codec)
     rng = np.random.default_rng(seed)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
-    try:
-        os.chmod(tmp, 0o777 & ~current_umask())   # mkdtemp makes it owner-only; the export folder is meant to be shared
+    with staged_folder(out, keep=_check_target) as tmp:   # swapped into place when the block succeeds
         with torch.no_grad():
             manifest = Manifest(config=cfg, stages={s: record_stage(specs[s]) for s in specs}, files={}, sha256={},
                                 opset=opset, source_checkpoint_sha256=source_sha, stage_options=stage_options,
@@ -386,10 +376,6 @@ def export_model(model: V2Flow | str | os.PathLike[str], out_dir: str | os.PathL
         # 6. the final manifest last, then into place
         manifest.created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
         manifest.write(tmp)
-        _swap_into_place(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     manifest.folder = out
     return manifest
 

@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import struct
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -23,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import CheckpointError, LLMError
+from ..fileio import staged_folder
 
 # Input-embedding names of the common causal-LM families, tried in this order.
 EMBEDDING_TENSOR_NAMES = (
@@ -212,13 +211,9 @@ def _read_bf16(path: Path, info: dict[str, Any]) -> np.ndarray:
 # --- pickles, torch imported lazily ---
 
 def _torch_load(path: Path) -> Any:
-    import torch
-    try:
-        # weights_only refuses any pickle that would import or call code; mmap needs the zip format
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
-    except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError, ...
-        raise CheckpointError(f"cannot load {str(path)!r} safely with torch.load(weights_only=True) "
-                              f"(a corrupted file, or a pickle that would run code): {exc}") from exc
+    from ..reference.checkpoint import safe_torch_load  # imports torch
+
+    return safe_torch_load(path, mmap=zipfile.is_zipfile(path))   # mmap needs the zip format
 
 
 def _table_from_pickle(path: Path) -> np.ndarray:
@@ -290,9 +285,7 @@ def create_base_lm(out_dir: str | os.PathLike[str], *, vocab_size: int = 1024, h
     from transformers import LlamaConfig, LlamaForCausalLM
 
     out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
+    with staged_folder(out) as tmp:   # swapped into place of out when the block succeeds
         config = LlamaConfig(
             vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
             num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_heads,
@@ -304,12 +297,8 @@ def create_base_lm(out_dir: str | os.PathLike[str], *, vocab_size: int = 1024, h
         model.save_pretrained(tmp)
         _train_tokenizer(vocab_size, max_position_embeddings).save_pretrained(tmp)
         _portable_tokenizer_class(tmp / "tokenizer_config.json")
-        tmp.chmod(0o755)  # mkdtemp makes it private; the folder is a shipped asset
         for f in tmp.iterdir():
             f.chmod(0o644)
-        replace_dir(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
@@ -351,19 +340,3 @@ def _portable_tokenizer_class(config_path: Path) -> None:
     config = json.loads(config_path.read_text(encoding="utf-8"))
     config["tokenizer_class"] = "PreTrainedTokenizerFast"
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-
-
-def replace_dir(src: Path, dst: Path) -> None:
-    """Move ``src`` to ``dst``; an existing ``dst`` is moved aside first so a reader never sees a mix."""
-    if not dst.exists():
-        os.rename(src, dst)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{dst.name}-old-", dir=dst.parent))
-    os.rename(dst, old / dst.name)
-    try:
-        os.rename(src, dst)
-    except OSError:
-        os.rename(old / dst.name, dst)  # put the previous version back
-        raise
-    finally:
-        shutil.rmtree(old, ignore_errors=True)

@@ -41,22 +41,20 @@ def _command_line(verb: str, a: argparse.Namespace) -> str:
 
 def bundle(final: Path, dest: Path, command: str) -> None:
     """Copy a trained ``final/`` folder to ``dest`` with a README.md recording the command that made it."""
-    from .vocab import replace_dir
+    from ..fileio import staged_folder
 
     record = json.loads((final / "training.json").read_text(encoding="utf-8"))
-    tmp = dest.parent / f".{dest.name}-bundle"
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(final, tmp)
-    (tmp / "README.md").write_text(
-        "# Bundled text-to-image LM\n\n"
-        "The base LM (`assets/base_lm`) with V2Flow's visual tokens added to its vocabulary and fine-tuned on\n"
-        "(caption, crop) pairs of the built-in training photos (captions: `v2flow_rt/llm/captions.py`).\n"
-        "`training.json` holds the settings, steps and captions; `v2flow.json` the visual-token layout, the\n"
-        "sha256 of the V2Flow weights it was trained with and the fingerprint of their tokenizer (resampler,\n"
-        "LLM table, codebook), which the decoder it is used with must match (`assets/default`).\n\n"
-        f"Made with ({record.get('trained_steps')} steps, {record.get('minutes')} min):\n\n"
-        f"```\n{command}\n```\n", encoding="utf-8")
-    replace_dir(tmp, dest)
+    with staged_folder(dest) as tmp:
+        shutil.copytree(final, tmp, dirs_exist_ok=True)
+        (tmp / "README.md").write_text(
+            "# Bundled text-to-image LM\n\n"
+            "The base LM (`assets/base_lm`) with V2Flow's visual tokens added to its vocabulary and fine-tuned on\n"
+            "(caption, crop) pairs of the built-in training photos (captions: `v2flow_rt/llm/captions.py`).\n"
+            "`training.json` holds the settings, steps and captions; `v2flow.json` the visual-token layout, the\n"
+            "sha256 of the V2Flow weights it was trained with and the fingerprint of their tokenizer (resampler,\n"
+            "LLM table, codebook), which the decoder it is used with must match (`assets/default`).\n\n"
+            f"Made with ({record.get('trained_steps')} steps, {record.get('minutes')} min):\n\n"
+            f"```\n{command}\n```\n", encoding="utf-8")
 
 
 def _cmd_export_llm(a: argparse.Namespace) -> int:

@@ -30,8 +30,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -39,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ExportError, LLMError, ParityError
+from ..fileio import staged_folder
 from .generate import (
     GenerationSettings,
     OrtStep,
@@ -272,9 +271,7 @@ def export_llm(lm_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str], 
     external = weight_bytes > EXTERNAL_DATA_BYTES if external_data is None else external_data
 
     out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
+    with staged_folder(out) as tmp:   # swapped into place of out when the block succeeds
         start = time.time()
         _export_fp32(model, tmp / VARIANT_FILES["fp32"], external, opset)
         export_s = time.time() - start
@@ -316,11 +313,6 @@ def export_llm(lm_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str], 
             "variants": variants,
         }
         (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-        tmp.chmod(0o755)
-        from .vocab import replace_dir
-        replace_dir(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out / MANIFEST_NAME
 
 

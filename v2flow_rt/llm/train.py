@@ -29,11 +29,12 @@ import numpy as np
 import torch
 
 from ..errors import CheckpointError, LLMError
-from ..reference.checkpoint import _atomic_write
+from ..fileio import atomic_write, staged_folder
+from ..reference.checkpoint import safe_torch_load
 from ..reference.codecs import build_codec
 from .captions import SUBJECTS, subject_crops
 from .generate import PromptEncoder, left_pad, position_ids_from_mask
-from .vocab import META_NAME, VisualVocab, expand_vocabulary, replace_dir
+from .vocab import META_NAME, VisualVocab, expand_vocabulary
 
 STATE_NAME = "train_state.pt"
 
@@ -164,10 +165,11 @@ def train_llm(lm_dir: str | Path, v2flow_model: Any, out_dir: str | Path, settin
              if k not in ("steps", "max_minutes", "threads", "save_every")}
     fingerprint = {"settings": fixed, "lm": str(lm_path), "v2flow_sha256": sha}
     if resume and state_path.is_file():
-        try:
-            st = torch.load(state_path, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise CheckpointError(f"cannot resume from {state_path}: {exc}") from None
+        st = safe_torch_load(state_path)
+        state_keys = ("fingerprint", "model", "optimizer", "rng", "step")
+        if not isinstance(st, dict) or any(k not in st for k in state_keys):
+            raise CheckpointError(f"cannot resume from {state_path}: not a training state written by this package "
+                                  f"(expected a dict with {list(state_keys)}); use --no-resume or a new --out")
         if st.get("fingerprint") != fingerprint:
             raise CheckpointError(f"{state_path} was written for other settings or models; use a new output folder "
                                   "or --no-resume")
@@ -179,7 +181,7 @@ def train_llm(lm_dir: str | Path, v2flow_model: Any, out_dir: str | Path, settin
     def save_state() -> None:
         payload = {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
                    "rng": rng.bit_generator.state, "fingerprint": fingerprint}
-        _atomic_write(state_path, lambda p: torch.save(payload, p))
+        atomic_write(state_path, lambda p: torch.save(payload, p))
 
     start = time.time()
     log = (out / "train_log.jsonl").open("a")
@@ -225,20 +227,13 @@ def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
 
 def _save_final(model: Any, lm_path: Path, final: Path, record: dict[str, Any]) -> Path:
     """The trained weights + the expanded LM's tokenizer and v2flow.json + training.json, atomically."""
-    import tempfile
 
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
-    try:
+    with staged_folder(final) as tmp:   # swapped into place of final when the block succeeds
         model.save_pretrained(tmp)
         for f in lm_path.iterdir():
             if f.name.startswith("tokenizer") or f.name in (META_NAME, "special_tokens_map.json"):
                 shutil.copy2(f, tmp / f.name)
         (tmp / "training.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-        tmp.chmod(0o755)
         for f in tmp.iterdir():
             f.chmod(0o644)
-        replace_dir(tmp, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return final

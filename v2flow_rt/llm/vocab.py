@@ -27,8 +27,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -36,8 +34,8 @@ from typing import Any
 import numpy as np
 
 from ..errors import LLMError
+from ..fileio import file_sha256, staged_folder  # noqa: F401  (file_sha256 re-exported)
 from ..manifest import tokenizer_sha256  # noqa: F401  (re-exported: LMs record it in v2flow.json)
-from .base_lm import replace_dir
 
 META_NAME = "v2flow.json"
 META_FORMAT = "v2flow-rt/visual-vocab"
@@ -146,14 +144,6 @@ def check_lm_dir(lm_dir: str | os.PathLike[str]) -> dict[str, Any]:
         raise LLMError(f"unknown LM directory layout in {str(path)!r}: no tokenizer (expected one of "
                        f"{list(_TOKENIZER_FILES)})")
     return config
-
-
-def file_sha256(path: str | os.PathLike[str]) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def v2flow_sha256(model: Any) -> str:
@@ -331,15 +321,9 @@ def expand_vocabulary(lm_dir: str | os.PathLike[str], v2flow_model: Any, out_dir
         image_size=v2f.config.img_size, projection=used, embedding_norm=norm, source_lm=str(lm_path))
 
     out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
+    with staged_folder(out) as tmp:   # swapped into place of out when the block succeeds
         lm.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / META_NAME).write_text(meta.to_json(), encoding="utf-8")
-        tmp.chmod(0o755)
-        replace_dir(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 

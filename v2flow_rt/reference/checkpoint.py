@@ -7,10 +7,8 @@ only class allow-listed is ``argparse.Namespace`` (the official ``args`` entry).
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from ..config import DCAE_SCALE, V2FlowConfig
 from ..errors import CheckpointError, ConfigError
+from ..fileio import atomic_write, atomic_write_text, staged_folder
 from .codecs import DCAE_FOLDER, DCAE_KEY, check_dcae_folder, resolve_codec_path
 from .model import V2Flow
 
@@ -34,25 +33,13 @@ def resolve_model_path(path: str | Path) -> Path:
     return Path(path)
 
 
-def _atomic_write(path: Path, write: Any) -> None:
-    """Write through a temp file in the same folder, then rename, so a crash leaves no partial file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_pretrained(model: V2Flow, folder: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
     """Write ``config.json`` + ``model.safetensors`` (weights first, config last, each atomically)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in (state_dict or model.state_dict()).items()}
-    _atomic_write(folder / WEIGHTS_NAME, lambda p: save_file(state, p, metadata={"format": "pt"}))
-    _atomic_write(folder / CONFIG_NAME, lambda p: Path(p).write_text(model.config.to_json()))
+    atomic_write(folder / WEIGHTS_NAME, lambda p: save_file(state, str(p), metadata={"format": "pt"}))
+    atomic_write_text(folder / CONFIG_NAME, model.config.to_json())
     return folder
 
 
@@ -93,7 +80,7 @@ def from_pretrained(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         config = V2FlowConfig.from_file(folder / CONFIG_NAME)
     except ConfigError as exc:
-        raise CheckpointError(f"{folder / CONFIG_NAME}: {exc}") from None
+        raise CheckpointError(str(exc)) from None   # names the file
     try:
         state = load_file(str(folder / WEIGHTS_NAME), device=str(map_location))
     except Exception as exc:  # safetensors raises its own error types for truncated/corrupt headers
@@ -123,30 +110,42 @@ def attach_codec(folder: str | Path, dcae_dir: str | Path, copy: bool = False) -
     target = src
     if copy and not inside:
         target = folder / DCAE_FOLDER
-        tmp = Path(tempfile.mkdtemp(dir=folder, prefix=f".{DCAE_FOLDER}.partial-"))
-        try:
+        with staged_folder(target) as tmp:
             for f in sorted(src.iterdir()):
                 if f.is_file():
                     shutil.copy2(f, tmp / f.name)
-            os.chmod(tmp, 0o777 & ~_umask())
-            if target.exists():
-                shutil.rmtree(target)
-            os.replace(tmp, target)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
     config.extra[DCAE_KEY] = DCAE_FOLDER if copy or inside else str(src)
-    _atomic_write(folder / CONFIG_NAME, lambda p: Path(p).write_text(config.to_json()))
+    atomic_write_text(folder / CONFIG_NAME, config.to_json())
     return target
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 # ----------------------------------------------------------------------------- official checkpoints
+
+
+def safe_torch_load(path: str | Path, *, allowed: tuple[type, ...] = (), mmap: bool = False) -> Any:
+    """``torch.load(weights_only=True)`` (with ``allowed`` classes too), whose every failure is a one-line
+    CheckpointError naming the file: a pickle that would import or call code is said to be one and is not loaded,
+    anything else is reported as not a readable torch file."""
+    path = Path(path)
+    try:
+        with torch.serialization.safe_globals(list(allowed)):
+            try:
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+            except RuntimeError as exc:
+                if not mmap or "mmap" not in str(exc):
+                    raise
+                return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError, ...
+        text = str(exc)
+        found = re.search(r"GLOBAL ([\w.]+)", text)
+        if found or "Unsupported global" in text:
+            named = f" (it names {found.group(1)})" if found else ""
+            raise CheckpointError(f"{path}: not loaded: it is a pickle that would run code when loaded{named}; "
+                                  f"only tensors, containers and numbers are read") from None
+        lines = [ln.strip() for ln in text.replace("WeightsUnpickler error:", "\n").splitlines() if ln.strip()]
+        torch_text = ("Weights only load failed", "Please file", "Check the")     # torch's advice, not the cause
+        detail = next((ln for ln in lines if not ln.startswith(torch_text)), type(exc).__name__)
+        raise CheckpointError(f"{path} is not a readable torch file (truncated or corrupt?): {detail}") from None
 
 
 def read_official(path: str | Path) -> dict[str, Any]:
@@ -154,20 +153,7 @@ def read_official(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            try:
-                ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            except RuntimeError as exc:
-                if "mmap" not in str(exc):
-                    raise
-                ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        text = str(exc).split("\n")[0]
-        if "weights_only" in str(exc) or "Unsupported global" in str(exc):
-            raise CheckpointError(f"{path}: refusing to unpickle it, it holds objects that could execute code "
-                                  f"({text})") from None
-        raise CheckpointError(f"{path} is not a readable torch checkpoint (truncated or corrupt?): {text}") from None
+    ckpt = safe_torch_load(path, allowed=(argparse.Namespace,), mmap=True)
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         keys = sorted(ckpt)[:8] if isinstance(ckpt, dict) else type(ckpt).__name__
         raise CheckpointError(f"{path}: expected a dict with 'model' (and 'model_ema', 'args'), found {keys}")
@@ -291,7 +277,7 @@ def export_official(model: V2Flow, path: str | Path, ema_state: dict[str, torch.
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     payload = {"model": state, "model_ema": ema, "epoch": 0, "args": args}
-    _atomic_write(out, lambda p: torch.save(payload, p))
+    atomic_write(out, lambda p: torch.save(payload, p))
     return out
 
 
@@ -300,29 +286,20 @@ def export_official(model: V2Flow, path: str | Path, ema_state: dict[str, torch.
 
 
 def _new_folder(out: Path, write: Any) -> Path:
-    """Fill a temporary folder beside ``out`` with ``write(tmp)``, then put it in place of ``out``.
+    """Fill a temporary folder beside ``out`` with ``write(tmp)``, then put it in place of ``out``
+    (``fileio.staged_folder``: a second writer of ``out`` is refused, a failure leaves ``out`` as it was).
 
     ``out`` must be absent, empty or a model folder (holds config.json); an existing one is moved aside
-    only once the new folder is complete, and deleted last. A failure leaves ``out`` as it was.
+    only once the new folder is complete, and deleted last.
     """
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / CONFIG_NAME).is_file())):
-        raise CheckpointError(f"refusing to replace {out}: it is not empty and holds no {CONFIG_NAME}, so it is not "
-                              f"a model folder (choose another --out or empty it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
-    try:
-        os.chmod(tmp, 0o777 & ~_umask())
+    def keep(dest: Path) -> None:
+        if dest.exists() and (not dest.is_dir() or (any(dest.iterdir()) and not (dest / CONFIG_NAME).is_file())):
+            raise CheckpointError(f"refusing to replace {dest}: it is not empty and holds no {CONFIG_NAME}, so it "
+                                  f"is not a model folder (choose another --out or empty it)")
+
+    keep(out)
+    with staged_folder(out, keep=keep) as tmp:
         write(tmp)
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
@@ -351,24 +328,23 @@ def import_official_folder(checkpoint: str | Path, out: str | Path, use_ema: boo
     from tqdm import tqdm
 
     report: dict[str, Any] = {}
-    bar = tqdm(total=3, desc="import", unit="step", disable=not progress, leave=False)
-    bar.set_postfix_str("reading (mmap)")
-    model = import_official(checkpoint, use_ema=use_ema, report=report)
-    if codec is not None:
-        check_dcae_folder(codec, model.config)   # refuse a mismatched codec before writing anything
-    bar.update()
-
-    def write(tmp: Path) -> None:
-        bar.set_postfix_str(f"writing {WEIGHTS_NAME}")
-        save_pretrained(model, tmp)
-        bar.update()
+    with tqdm(total=3, desc="import", unit="step", disable=not progress, leave=False) as bar:   # cleared on errors
+        bar.set_postfix_str("reading (mmap)")
+        model = import_official(checkpoint, use_ema=use_ema, report=report)
         if codec is not None:
-            bar.set_postfix_str("codec")
-            attach_codec(tmp, codec, copy=copy_codec)
+            check_dcae_folder(codec, model.config)   # refuse a mismatched codec before writing anything
         bar.update()
 
-    folder = _new_folder(Path(out), write)
-    bar.close()
+        def write(tmp: Path) -> None:
+            bar.set_postfix_str(f"writing {WEIGHTS_NAME}")
+            save_pretrained(model, tmp)
+            bar.update()
+            if codec is not None:
+                bar.set_postfix_str("codec")
+                attach_codec(tmp, codec, copy=copy_codec)
+            bar.update()
+
+        folder = _new_folder(Path(out), write)
     report.update({"folder": str(folder), "codec": (str(folder / DCAE_FOLDER) if copy_codec else str(codec))
                    if codec is not None else None})
     return report

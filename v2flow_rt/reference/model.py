@@ -26,22 +26,16 @@ from ..config import V2FlowConfig
 from ..errors import ConfigError, ShapeError
 from ..sampling import SamplerSettings, sample_tokens
 from ..sampling.loop import OdeFn
+from ..stages import keep_indices as stages_keep_indices
 from .resampler import STCConnector, VectorQuantize, build_mlp
 from .transformer import Block, FlowLoss, SimpleMLPAdaLN
 
 
 def keep_indices(mask: torch.Tensor, buffer_size: int) -> torch.Tensor:
-    """Indices into the [buffer; tokens] sequence of what the encoder sees: the buffer and known tokens.
-
-    mask [B, L] (True/1 = unknown) → int64 [B, N + K], increasing. Every row must know the same K.
-    """
-    known = (~mask.bool()).sum(dim=1)
-    if bool((known != known[0]).any()):
-        raise ShapeError(f"every sample must have the same number of known tokens, got {known.tolist()}")
-    full = torch.cat([mask.new_zeros(mask.shape[0], buffer_size, dtype=torch.int64), mask.long()],
-                     dim=1)                                                  # (B, N + L)
-    order = torch.argsort(full, dim=1, stable=True)
-    return order[:, : buffer_size + int(known[0])]
+    """``stages.keep_indices`` (the one definition) on a torch mask [B, L] (True/1 = unknown) → int64
+    [B, N + K] on the mask's device: the buffer, then the known tokens in increasing position order."""
+    keep = stages_keep_indices(mask.detach().bool().cpu().numpy(), buffer_size)
+    return torch.from_numpy(keep).to(mask.device)
 
 
 def sincos_2d(dim: int, grid: int) -> torch.Tensor:

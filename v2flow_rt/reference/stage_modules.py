@@ -146,10 +146,7 @@ class _FusedOde(nn.Module):
 
     def _velocity(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The body of ``SimpleMLPAdaLN.forward`` after the condition y is formed."""
-        h = self.net.input_proj(x)
-        for block in self.net.res_blocks:
-            h = block(h, y)
-        return self.net.final_layer(h, y)
+        return self.net.from_condition(x, y)
 
     def _solve(self, f: Callable[[torch.Tensor, float], torch.Tensor], noise: torch.Tensor) -> torch.Tensor:
         # Same solver function as ``sampling.integrate(solver, f, x, steps, shift)``, on the same grid.

@@ -22,7 +22,8 @@ import torch
 from ..config import V2FlowConfig
 from ..data import PHOTOS, CropSampler, load_photo
 from ..errors import CheckpointError, ConfigError
-from .checkpoint import _atomic_write, save_pretrained
+from ..fileio import atomic_write
+from .checkpoint import safe_torch_load, save_pretrained
 from .codecs import build_codec
 from .model import V2Flow
 
@@ -168,10 +169,11 @@ def train(config: V2FlowConfig, out_dir: str | Path, settings: TrainSettings,
     step = 0
     state_path = out / STATE_NAME
     if resume and state_path.is_file():
-        try:
-            st = torch.load(state_path, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise CheckpointError(f"cannot resume from {state_path}: {exc}") from None
+        st = safe_torch_load(state_path)
+        state_keys = ("config", "model", "ema", "optimizer", "torch_rng", "step")
+        if not isinstance(st, dict) or any(k not in st for k in state_keys):
+            raise CheckpointError(f"cannot resume from {state_path}: not a training state written by this package "
+                                  f"(expected a dict with {list(state_keys)}); use --no-resume or a new --out")
         if st.get("config") != config.to_dict():
             raise CheckpointError(f"{state_path} was written for a different config; use a new output folder")
         model.load_state_dict(st["model"])
@@ -187,7 +189,7 @@ def train(config: V2FlowConfig, out_dir: str | Path, settings: TrainSettings,
         payload = {"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
                    "step": step, "torch_rng": gen.get_state(), "config": config.to_dict(),
                    **({"aux_head": aux_head.state_dict()} if aux_head is not None else {})}
-        _atomic_write(state_path, lambda p: torch.save(payload, p))
+        atomic_write(state_path, lambda p: torch.save(payload, p))
 
     start = time.time()
     log = (out / "train_log.jsonl").open("a")

@@ -140,7 +140,11 @@ class SimpleMLPAdaLN(nn.Module):
         return self.time_embed(t) + self.cond_embed(c)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        y = self.condition(t, c)
+        return self.from_condition(x, self.condition(t, c))
+
+    def from_condition(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """x [M, C], the modulation y [M, W] (``condition``) → v [M, C]: the body the fused ODE graphs call
+        with a precomputed time embedding."""
         h = self.input_proj(x)
         for block in self.res_blocks:
             h = block(h, y)

@@ -37,6 +37,36 @@ class Stages(Protocol):
 
 OdeFn = Callable[[np.ndarray, np.ndarray, "np.ndarray | None", float], np.ndarray]
 
+# Bounds a request is checked against before any work: past them a run takes hours or the numbers are noise.
+MAX_STEPS = 1000          # ODE steps per iteration
+MAX_NUM_ITER = 4096       # masked-AR iterations (at most one per token anyway)
+MAX_TEMPERATURE = 10.0    # scale of the initial noise (1 is the trained one)
+MAX_CFG = 100.0           # guidance scale (official models use 4.5)
+
+
+def check_int(name: str, value: Any, lo: int, hi: int | None = None) -> int:
+    """``value`` as an int in [lo, hi], or ConfigError naming ``name``, the bound and what was given."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise ConfigError(f"{name} must be an integer, got {value!r}")
+    if value < lo or (hi is not None and value > hi):
+        bound = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+        raise ConfigError(f"{name} must be {bound}, got {value}")
+    return int(value)
+
+
+def check_float(name: str, value: Any, lo: float, hi: float) -> float:
+    """``value`` as a finite float in [lo, hi], or ConfigError naming ``name``, the range and what was given."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise ConfigError(f"{name} must be a number, got {value!r}")
+    if not (np.isfinite(value) and lo <= value <= hi):
+        raise ConfigError(f"{name} must be a finite number in [{lo:g}, {hi:g}], got {value}")
+    return float(value)
+
+
+def check_seed(seed: Any) -> int | None:
+    """A seed is None (fresh randomness) or an integer in [0, 2**63)."""
+    return None if seed is None else check_int("seed", seed, 0, 2 ** 63 - 1)
+
 
 @dataclass(frozen=True)
 class SamplerSettings:
@@ -67,10 +97,11 @@ class SamplerSettings:
             raise ConfigError(f"cfg_mode must be 'official' or 'mar', got {self.cfg_mode!r}")
         if self.cfg_schedule not in ("constant", "linear"):
             raise ConfigError(f"cfg_schedule must be 'constant' or 'linear', got {self.cfg_schedule!r}")
-        if self.steps < 1 or self.num_iter < 1:
-            raise ConfigError(f"steps and num_iter must be >= 1, got {self.steps} and {self.num_iter}")
-        if self.temperature < 0:
-            raise ConfigError(f"temperature must be >= 0, got {self.temperature}")
+        check_int("steps", self.steps, 1, MAX_STEPS)
+        check_int("num_iter", self.num_iter, 1, MAX_NUM_ITER)
+        check_float("temperature", self.temperature, 0.0, MAX_TEMPERATURE)
+        check_float("cfg_scale", self.cfg_scale, 0.0, MAX_CFG)
+        check_float("shift", self.shift, 1e-6, 1e6)
         return self
 
     @property
@@ -114,7 +145,7 @@ def seeded_randomness(seed: int | None, batch: int, seq_len: int, token_dim: int
     ``sample_tokens(..., seed=s)`` is ``sample_tokens(..., orders=o, noise=n)`` with these values, so a
     host that cannot run numpy's generator can pass the same randomness explicitly.
     """
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(check_seed(seed))
     orders = random_orders(rng, batch, seq_len)
     noise = np.zeros((batch, seq_len, token_dim), dtype=np.float32)
     mask = np.ones((batch, seq_len), dtype=bool)

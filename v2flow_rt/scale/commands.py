@@ -38,15 +38,13 @@ def _cmd_serve(a: argparse.Namespace) -> int:
     import os
     from pathlib import Path
 
+    from ..fileio import atomic_write_text
     from .serve import run_server
 
     def ready(info: dict[str, object]) -> None:
         if a.ready_file:                  # holds the access token: created readable by its owner only
             path = Path(a.ready_file)
-            tmp = path.with_name(f".{path.name}.tmp")
-            with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
-                json.dump(info, f)
-            os.replace(tmp, path)         # whole or absent: a reader polling for it never sees half
+            atomic_write_text(path, json.dumps(info), mode=0o600)   # whole or absent, never half
 
     return run_server(a.model, host=a.host, http_port=a.http_port, grpc_port=a.grpc_port,
                       metrics_port=a.metrics_port, precision=a.precision, threads=a.threads, max_batch=a.max_batch,

@@ -30,7 +30,8 @@ from typing import Any
 import numpy as np
 
 from ..errors import BackendUnavailable, DatasetError
-from ..manifest import Manifest, _atomic_write_text, tokenizer_sha256
+from ..fileio import atomic_write_text
+from ..manifest import Manifest, tokenizer_sha256
 from .sources import Item, list_items, plan_shards, read_images
 from .store import JOB_FORMAT, SUMMARY_NAME, errors_table, prepare_output, write_parquet_atomic, write_shard
 
@@ -213,7 +214,7 @@ def tokenize_dataset(src: str | os.PathLike[str], model: str | os.PathLike[str],
                     pending = []
             summary["ray_seconds"] = round(time.perf_counter() - t_ray, 3)
     summary["seconds"] = round(time.perf_counter() - t0, 3)
-    _atomic_write_text(dest / SUMMARY_NAME, json.dumps(summary, indent=1) + "\n")
+    atomic_write_text(dest / SUMMARY_NAME, json.dumps(summary, indent=1) + "\n")
     return summary
 
 
@@ -356,6 +357,6 @@ def detokenize_dataset(src: str | os.PathLike[str], model: str | os.PathLike[str
     dest.mkdir(parents=True, exist_ok=True)
     write_parquet_atomic(errors_table(errors), dest / "_errors.parquet")
     summary["seconds"] = round(time.perf_counter() - t0, 3)
-    _atomic_write_text(dest / SUMMARY_NAME, json.dumps(summary, indent=1) + "\n")
+    atomic_write_text(dest / SUMMARY_NAME, json.dumps(summary, indent=1) + "\n")
     return summary
 

@@ -16,8 +16,6 @@ the ids table; files and folders starting with ``_`` or ``.`` are not part of it
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -25,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import DatasetError
-from ..manifest import _atomic_write_text
+from ..fileio import atomic_write, atomic_write_text
 
 JOB_NAME, SUMMARY_NAME, ERRORS_DIR = "_job.json", "_summary.json", "_errors"
 JOB_FORMAT = "v2flow-rt/tokenized-dataset/1"
@@ -61,21 +59,11 @@ def errors_table(errors: Sequence[tuple[str, str]]) -> Any:
 
 
 def write_parquet_atomic(table: Any, path: Path) -> None:
-    """Write ``table`` to a temporary ``.{name}.tmp`` file beside ``path``, fsync it, rename it into place."""
+    """Write ``table`` to ``path`` through ``fileio.atomic_write`` (a temp file beside it, fsynced, renamed)."""
     import pyarrow.parquet as pq
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        pq.write_table(table, tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda tmp: pq.write_table(table, tmp))
 
 
 def write_shard(out: Path, name: str, rows: Sequence[dict[str, Any]], codebook_size: int, tokenizer: str,
@@ -129,5 +117,5 @@ def prepare_output(out: Path, job: dict[str, Any], overwrite: bool = False) -> s
     for err in (out / ERRORS_DIR).glob("part-*.parquet"):
         if err.stem not in wanted or err.stem not in existing:
             err.unlink()                   # an errors file without its data file belongs to no complete shard
-    _atomic_write_text(record, json.dumps(job, indent=1) + "\n")
+    atomic_write_text(record, json.dumps(job, indent=1) + "\n")
     return existing & wanted

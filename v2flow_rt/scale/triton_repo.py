@@ -21,12 +21,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from ..errors import ServingError
+from ..fileio import staged_folder
 from ..manifest import Manifest
 from ..stages import ONE_CALL_STAGES as ONE_CALL
 
@@ -102,9 +102,7 @@ def write_repository(export_dir: str | os.PathLike[str], out: str | os.PathLike[
     unknown = [s for s in stages if s not in manifest.stages]
     if unknown:
         raise ServingError(f"{export_dir} has no stage(s) {unknown}; it has {', '.join(manifest.stages)}")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.partial-"))
-    try:
+    with staged_folder(dest) as tmp:
         for stage in stages:
             version = tmp / stage / "1"
             version.mkdir(parents=True)
@@ -119,10 +117,4 @@ def write_repository(export_dir: str | os.PathLike[str], out: str | os.PathLike[
             (tmp / stage / "config.pbtxt").write_text(
                 model_config(stage, manifest.stages[stage], platform, queue_delay_us), encoding="utf-8")
         os.chmod(tmp, 0o755)
-        if dest.exists():
-            dest.rmdir()
-        os.replace(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return list(stages)
