@@ -527,3 +527,18 @@ def test_tensorrt_runner_in_validation(small: dict[str, Any]) -> None:
     report = validate_folder(small["folder"], seed=0)
     trt_rows = [r for r in report.rows if r["runner"] == "trt"]
     assert trt_rows and all(r["ok"] for r in trt_rows), report.to_text()
+
+
+def test_an_export_of_the_loop_stages_alone_records_its_quality(tmp_path: Path) -> None:
+    """A full-size export leaves the one-call graphs out (``--stages``) to fit in memory; its quality
+    figures are still measured through the stage loop (no velocity graph needed: the fused ODE runs)."""
+    stages = ["codec_encode", "tokenizer", "token_embed", "mar_step", "ode", "codec_decode"]
+    m = export_model("default", tmp_path / "export", stages=stages, progress=False, calib_images=8,
+                     quality_per_image=2)
+    fig = m.quality["fp32"]
+    assert fig["images"] == 4 and fig["token_agreement_pytorch"] == 1.0 and "one_call" not in fig
+    assert abs(fig["psnr"] - fig["psnr_pytorch"]) < 0.01 and fig["psnr"] > 15, fig
+    assert not any("quality figures not measured" in n for n in m.notes)
+    m = export_model("default", tmp_path / "no_ode", stages=stages[:-2] + ["codec_decode"], progress=False,
+                     calib_images=8)
+    assert not m.quality and any("need the stages" in n and "ode" in n for n in m.notes), m.notes
