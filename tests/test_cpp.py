@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from v2flow_rt.data import HELDOUT_PHOTOS, eval_crops, from_model_range
-from v2flow_rt.export.onnx import export_model
+from v2flow_rt.export.folder import export_model
 from v2flow_rt.pipeline import V2FlowPipeline
 from v2flow_rt.sampling import seeded_randomness
 

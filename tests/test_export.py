@@ -25,9 +25,10 @@ from v2flow_rt.cli import main
 from v2flow_rt.config import V2FlowConfig, get_preset
 from v2flow_rt.data import HELDOUT_PHOTOS, eval_crops
 from v2flow_rt.errors import ArtifactError, ExportError, ParityError
-from v2flow_rt.export.onnx import export_model
+from v2flow_rt.export.folder import export_model
+from v2flow_rt.export.parity import FP32_MAX_REL, stage_parity
 from v2flow_rt.export.precision import ID_AGREEMENT_MIN, convert_fp16, ort_session
-from v2flow_rt.export.validate import FP32_MAX_REL, stage_parity, validate_folder
+from v2flow_rt.export.validate import validate_folder
 from v2flow_rt.manifest import MANIFEST_NAME, PRECISIONS, Manifest
 from v2flow_rt.reference import stage_modules as M
 from v2flow_rt.reference.checkpoint import save_pretrained
@@ -228,7 +229,7 @@ DEFAULT = Path(__file__).resolve().parents[1] / "v2flow_rt" / "assets" / "defaul
 def test_default_model_tokenizer_graph_ids_on_heldout_photos(tmp_path: Path) -> None:
     """On the trained default, ids equal PyTorch's except where the best two codes are tied (a trained
     codebook can hold near-duplicate codes; PyTorch itself flips those between batch sizes)."""
-    from v2flow_rt.export.validate import TIE_EPS
+    from v2flow_rt.export.parity import TIE_EPS
     from v2flow_rt.reference.checkpoint import from_pretrained
 
     m = export_model("default", tmp_path / "export", stages=["codec_encode", "tokenizer"], progress=False,
@@ -256,7 +257,7 @@ class _Cancel(torch.nn.Module):
 
 
 def test_fp32_bound_widens_only_where_pytorch_fp32_itself_is_that_far_from_fp64() -> None:
-    from v2flow_rt.export.validate import FP64_FACTOR, gate_fp32, needs_bounds, roundoff_bounds, torch_outputs
+    from v2flow_rt.export.parity import FP64_FACTOR, gate_fp32, needs_bounds, roundoff_bounds, torch_outputs
     from v2flow_rt.stages import StageSpec, TensorSpec
 
     spec = StageSpec(name="cancel", inputs=(TensorSpec("x", "float32", ("rows", 8)),),
@@ -358,9 +359,9 @@ def test_failed_export_leaves_previous_export_untouched(small: dict[str, Any], t
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     out = _copy(small["folder"], tmp_path / "export")
     before = _snapshot(out)
-    import v2flow_rt.export.onnx as onnx_mod
+    import v2flow_rt.export.folder as folder_mod
 
-    real = onnx_mod.export_graph
+    real = folder_mod.export_graph
     calls: list[str] = []
 
     def flaky(module: Any, spec: Any, path: Path, *args: Any, **kwargs: Any) -> Any:
@@ -369,7 +370,7 @@ def test_failed_export_leaves_previous_export_untouched(small: dict[str, Any], t
             raise ExportError(f"stage {spec.name!r}: simulated failure")
         return real(module, spec, path, *args, **kwargs)
 
-    monkeypatch.setattr(onnx_mod, "export_graph", flaky)
+    monkeypatch.setattr(folder_mod, "export_graph", flaky)
     stages = ["codec_encode", "token_embed", "codec_decode"]
     with pytest.raises(ExportError, match="simulated failure"):
         export_model(small["ckpt"], out, stages=stages, progress=False, quality=False)
@@ -384,14 +385,14 @@ def test_failed_export_leaves_previous_export_untouched(small: dict[str, Any], t
 
 def test_interrupt_and_parity_failure_leave_no_manifest(small: dict[str, Any], tmp_path: Path,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    import v2flow_rt.export.onnx as onnx_mod
+    import v2flow_rt.export.folder as folder_mod
 
-    real = onnx_mod.export_graph
+    real = folder_mod.export_graph
 
     def interrupted(*args: Any, **kwargs: Any) -> Any:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(onnx_mod, "export_graph", interrupted)
+    monkeypatch.setattr(folder_mod, "export_graph", interrupted)
     with pytest.raises(KeyboardInterrupt):
         export_model(small["ckpt"], tmp_path / "a", stages=["token_embed"], progress=False, quality=False)
 
@@ -399,7 +400,7 @@ def test_interrupt_and_parity_failure_leave_no_manifest(small: dict[str, Any], t
         # export a different model's token_embed: the graph is valid, but not this model's
         return real(M.TokenEmbed(randomized(get_preset("tiny"), seed=99)).eval(), spec, path, *args, **kwargs)
 
-    monkeypatch.setattr(onnx_mod, "export_graph", wrong_graph)
+    monkeypatch.setattr(folder_mod, "export_graph", wrong_graph)
     with pytest.raises(ParityError, match=r"stage 'token_embed', output 'buffer'"):
         export_model(small["ckpt"], tmp_path / "b", stages=["token_embed"], progress=False, quality=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == []

@@ -78,6 +78,7 @@ def test_an_external_data_tokenizer_gets_streamed_int8(tmp_path: Path, monkeypat
     from v2flow_rt.config import get_preset
     from v2flow_rt.export import onnx as onnx_export
     from v2flow_rt.export import precision
+    from v2flow_rt.export.folder import export_model
     from v2flow_rt.reference.checkpoint import randomize_zero_layers
     from v2flow_rt.reference.model import V2Flow
 
@@ -85,8 +86,8 @@ def test_an_external_data_tokenizer_gets_streamed_int8(tmp_path: Path, monkeypat
     monkeypatch.setattr(precision, "EXTERNAL_DATA_BYTES", 1 << 20)
     torch.manual_seed(0)
     model = randomize_zero_layers(V2Flow(get_preset("tiny", llm_vocab_size=2048)).eval())
-    m = onnx_export.export_model(model, tmp_path / "export", precisions=("fp32", "int8", "fp16"),
-                                 stages=["codec_encode", "tokenizer"], progress=False, quality=False, calib_images=8)
+    m = export_model(model, tmp_path / "export", precisions=("fp32", "int8", "fp16"),
+                     stages=["codec_encode", "tokenizer"], progress=False, quality=False, calib_images=8)
     assert (tmp_path / "export" / "tokenizer.fp32.onnx.data").is_file()
     notes = m.precision_notes["int8"]["tokenizer"]
     assert notes["method"].startswith("per-channel symmetric int8 weights"), notes

@@ -283,6 +283,58 @@ def test_external_data_export(expanded_lm, tmp_path, torch_step, vocab, encoder)
     np.testing.assert_array_equal(a, generate_visual_tokens(torch_step, prompts, vocab, SAMPLED))
 
 
+# --------------------------------------------------------------------------------------- ORT alone
+
+def test_generate_on_ort_runs_without_torch(llm_onnx, expanded_lm, llm_v2flow, tmp_path) -> None:  # noqa: F811
+    """``generate --backend ort`` in a process where torch, transformers and onnx cannot be imported (the
+    ``llm-ort`` extra alone) gives the image the in-process ORT path gives, whose codes are the torch
+    backend's; without graphs to run it says in one line what to export, instead of a traceback."""
+    import os
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    from v2flow_rt.export.folder import export_model
+    from v2flow_rt.llm.t2i import TextToImage
+
+    _, folder = llm_v2flow
+    lm = tmp_path / "lm"
+    shutil.copytree(expanded_lm, lm)
+    shutil.copytree(llm_onnx, lm / "onnx")                 # the LM's graphs where an ORT-only host finds them
+    decoder = tmp_path / "decoder"
+    export_model(folder, decoder, stages=["codec_encode", "tokenizer", "token_embed", "mar_step", "ode", "ode_cfg",
+                                          "codec_decode"],
+                 progress=False, validate=False, quality=False)
+    script = Path(__file__).with_name("without_torch.py")
+    env = {**os.environ, "V2FLOW_RT_CACHE": str(tmp_path / "empty-cache")}
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, str(script), "generate", "a cup of coffee", "--backend", "ort",
+                               "--lm", str(lm), "--threads", "1", "--temperature", "0", "--cfg", "1", *args],
+                              capture_output=True, text=True, timeout=300, env=env)
+
+    for model_args in (["--model", str(folder), "--decoder-onnx", str(decoder)], ["--model", str(decoder)]):
+        out = tmp_path / "ort.png"
+        done = run(*model_args, "--out", str(out))
+        assert done.returncode == 0, done.stderr
+        got = np.asarray(Image.open(out).convert("RGB"))
+        ort = TextToImage.from_pretrained(lm, folder, backend="ort", decoder_onnx=str(decoder), threads=1)
+        want = ort("a cup of coffee", seed=0, settings=GenerationSettings(temperature=0))[0]
+        np.testing.assert_array_equal(got, want)
+    torch_t2i = TextToImage.from_pretrained(lm, folder, backend="torch", threads=1)
+    greedy = GenerationSettings(temperature=0)
+    prompt = "a cup of coffee"
+    np.testing.assert_array_equal(ort.tokens(prompt, 0, greedy), torch_t2i.tokens(prompt, 0, greedy))
+    ref = torch_t2i(prompt, seed=0, settings=greedy)[0]
+    assert np.abs(ref.astype(int) - got.astype(int)).max() <= 2        # fp32 ORT vs PyTorch decode, in uint8
+    # no decoder graphs and no torch to make them: one line naming the way out, nothing written
+    missing = run("--model", str(folder), "--out", str(tmp_path / "none.png"))
+    assert missing.returncode == 2 and not (tmp_path / "none.png").exists()
+    line = missing.stderr.strip()
+    assert "\n" not in line and "torch is not installed" in line and "--decoder-onnx" in line, line
+
+
 # --------------------------------------------------------------------------------------- errors
 
 def test_generation_errors(torch_step, vocab, encoder) -> None:

@@ -15,8 +15,9 @@ import torch
 
 from v2flow_rt.config import get_preset
 from v2flow_rt.errors import ArtifactError, BackendUnavailable
-from v2flow_rt.export.onnx import export_model
-from v2flow_rt.export.validate import FP32_MAX_REL, validate_folder
+from v2flow_rt.export.folder import export_model
+from v2flow_rt.export.parity import FP32_MAX_REL
+from v2flow_rt.export.validate import validate_folder
 from v2flow_rt.pipeline import V2FlowPipeline
 from v2flow_rt.reference.checkpoint import randomize_zero_layers
 from v2flow_rt.reference.codecs import build_codec

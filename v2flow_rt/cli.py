@@ -143,7 +143,7 @@ def _cmd_demo(a: argparse.Namespace) -> int:
 
 
 def _cmd_export(a: argparse.Namespace) -> int:
-    from .export.onnx import export_model
+    from .export.folder import export_model
 
     precisions = [p.strip() for p in a.precision.split(",") if p.strip()]
     manifest = export_model(a.model, a.out, precisions=precisions, opset=a.opset, max_batch=a.max_batch,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,19 @@ SOLVERS = ("euler", "heun", "dpm++2m")
 CFG_MODES = ("official", "mar")
 CFG_SCHEDULES = ("constant", "linear")
 DCAE_SCALE = 0.41407
+
+# A model folder (``save_pretrained``): its file names, and the name of the bundled model. Here, not in
+# ``reference/checkpoint.py``, so that the ONNX Runtime path can resolve a folder without torch.
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+ASSETS = Path(__file__).resolve().parent / "assets"
+
+
+def resolve_model_path(path: str | os.PathLike[str]) -> Path:
+    """``"default"`` names the bundled model; anything else is a folder path."""
+    if str(path) == "default":
+        return ASSETS / "default"
+    return Path(path)
 
 
 _FIELD_TYPES: dict[str, tuple[type, ...]] = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,),

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from .config import V2FlowConfig
+from .config import CONFIG_NAME, WEIGHTS_NAME, V2FlowConfig, resolve_model_path
 from .errors import ArtifactError, ConfigError
 from .fileio import atomic_write_text, current_umask, file_sha256  # noqa: F401  (re-exported)
 from .stages import StageSpec, stage_specs
@@ -30,8 +30,6 @@ from .stages import StageSpec, stage_specs
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1
 PRECISIONS = ("fp32", "fp16", "int8", "int8-qdq")
-_ASSETS = Path(__file__).resolve().parent / "assets"
-_WEIGHTS_NAME = "model.safetensors"
 
 
 # ----------------------------------------------------------------------------- hashing
@@ -41,11 +39,11 @@ def checkpoint_sha256(path: str | os.PathLike[str]) -> str:
 
     ``"default"`` names the bundled model. Raises ArtifactError if there is nothing to hash.
     """
-    p = _ASSETS / "default" if str(path) == "default" else Path(path)
+    p = resolve_model_path(path)
     if p.is_dir():
-        p = p / _WEIGHTS_NAME
+        p = p / WEIGHTS_NAME
     if not p.is_file():
-        raise ArtifactError(f"checkpoint {p} does not exist (expected a model folder with {_WEIGHTS_NAME} or a file)")
+        raise ArtifactError(f"checkpoint {p} does not exist (expected a model folder with {WEIGHTS_NAME} or a file)")
     return file_sha256(p)
 
 
@@ -63,11 +61,10 @@ _TOKENIZER_CONFIG = ("img_size", "codec", "codec_stride", "latent_channels", "la
 def tokenizer_sha256(v2flow_model: Any) -> str:
     """sha256 over a V2Flow model's tokenizer (see ``_TOKENIZER_NAMES``): a ``V2Flow`` instance, or a
     folder written by ``save_pretrained`` / ``"default"`` (read with numpy; the folder's path is
-    resolved through ``reference.checkpoint``). An export records it in its manifest (``tokenizer_sha256``)."""
+    resolved by ``config.resolve_model_path``). An export records it in its manifest (``tokenizer_sha256``)."""
     if isinstance(v2flow_model, (str, os.PathLike)):
         from safetensors.numpy import load_file
 
-        from .reference.checkpoint import CONFIG_NAME, WEIGHTS_NAME, resolve_model_path
         folder = resolve_model_path(os.fspath(v2flow_model))
         config = json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8"))
         tensors = load_file(folder / WEIGHTS_NAME)

@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .onnx import export_model
+    from .folder import export_model
     from .validate import ValidationReport, validate_folder
 
 __all__ = ["ValidationReport", "export_model", "validate_folder"]
@@ -21,7 +21,7 @@ __all__ = ["ValidationReport", "export_model", "validate_folder"]
 
 def __getattr__(name: str) -> Any:
     if name == "export_model":
-        from .onnx import export_model
+        from .folder import export_model
 
         return export_model
     if name in ("validate_folder", "ValidationReport"):

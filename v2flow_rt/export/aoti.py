@@ -21,7 +21,7 @@ import torch
 from ..errors import ExportError, ParityError
 from ..stages import StageSpec
 from .onnx import _quiet, export_inputs
-from .validate import FP32_MAX_REL, FP32_TOLERANCE, TIE_EPS
+from .parity import FP32_MAX_REL, FP32_TOLERANCE, TIE_EPS
 
 PACKAGE_SUFFIX = ".pt2"
 
@@ -71,7 +71,7 @@ def package_parity(module: torch.nn.Module, spec: StageSpec, path: Path, rng: np
         if ref.dtype.is_floating_point:
             err = float((got - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
             worst["max_rel"] = max(worst["max_rel"], err)
-        else:   # an id may flip only where the best two codes are tied (validate.TIE_EPS)
+        else:   # an id may flip only where the best two codes are tied (parity.TIE_EPS)
             with torch.no_grad():
                 top = module.similarities(*args).topk(2, dim=-1).values
             tied = (top[..., 0] - top[..., 1]) <= TIE_EPS

@@ -205,7 +205,11 @@ class PromptEncoder:
         path = Path(lm_dir) / "tokenizer.json"
         if not path.is_file():
             raise LLMError(f"{str(lm_dir)!r} has no tokenizer.json (a fast tokenizer is needed for generation)")
-        from tokenizers import Tokenizer
+        try:
+            from tokenizers import Tokenizer
+        except ImportError as exc:
+            raise LLMError(f"prompts are tokenized with the `tokenizers` package, which does not import here "
+                           f"({exc}): pip install 'v2flow-rt[llm-ort]'") from exc
         self.tokenizer = Tokenizer.from_file(str(path))
 
     def __call__(self, prompts: Sequence[str]) -> list[list[int]]:

@@ -24,7 +24,10 @@ from typing import Any
 
 import numpy as np
 
+from ..config import ASSETS, WEIGHTS_NAME, resolve_model_path
 from ..errors import LLMError
+from ..manifest import MANIFEST_NAME as EXPORT_MANIFEST
+from ..manifest import Manifest
 from .generate import (
     GenerationSettings,
     OrtStep,
@@ -36,7 +39,6 @@ from .generate import (
 )
 from .vocab import VisualVocab, file_sha256
 
-ASSETS = Path(__file__).resolve().parent.parent / "assets"
 T2I_DEFAULT = ASSETS / "t2i"
 HIST_BINS = 8
 KNN = 5
@@ -50,21 +52,6 @@ def resolve_lm_path(path: str | os.PathLike[str]) -> Path:
 def cache_dir() -> Path:
     """Where derived artifacts (exported graphs) go: ``$V2FLOW_RT_CACHE`` or ``~/.cache/v2flow_rt``."""
     return Path(os.environ.get("V2FLOW_RT_CACHE") or Path.home() / ".cache" / "v2flow_rt")
-
-
-def llm_onnx_dir(lm_dir: Path, threads: int = 1) -> Path:
-    """The LM's export folder: ``lm_dir/onnx`` if it holds one, else a cache folder keyed by the weights'
-    hash, exported on first use (needs torch)."""
-    from .export import MANIFEST_NAME, export_llm
-
-    local = lm_dir / "onnx"
-    if (local / MANIFEST_NAME).is_file():
-        return local
-    key = file_sha256(lm_dir / "model.safetensors")[:16] if (lm_dir / "model.safetensors").is_file() else "x"
-    cached = cache_dir() / "llm-onnx" / key
-    if not (cached / MANIFEST_NAME).is_file():
-        export_llm(lm_dir, cached, precisions=("fp32", "int8", "int8-block"), threads=threads)
-    return cached
 
 
 # The decoder's ODE noise scale when it renders generated tokens, unless the caller gives one. A model's
@@ -91,45 +78,43 @@ class TextToImage:
         """Load the LM (``"default"``: bundled) and the V2Flow model (``"default"``: bundled).
 
         Args:
+            model: a V2Flow model folder, or for ``ort`` also its export folder (``manifest.json``).
             backend: ``torch`` (transformers LM, PyTorch decoder) or ``ort`` (LLM graph and decoder graphs
-                in ONNX Runtime).
+                in ONNX Runtime; needs neither torch nor transformers once the graphs exist: the LM's in
+                ``LM/onnx`` or the cache, the decoder's in ``decoder_onnx``, ``model`` or the cache).
             precision: LLM graph variant for ``ort`` (``fp32``, ``fp16``, ``int8``, ``int8-block``); the
                 decoder runs fp32.
-            decoder_onnx: a V2Flow export folder for ``ort`` (default: exported into the cache).
+            decoder_onnx: a V2Flow export folder for ``ort`` (default: ``model`` if it is one, else an
+                export made into the cache on first use, which needs torch).
         Raises:
-            LLMError: the LM was trained on other V2Flow weights, or N / K do not match the decoder.
+            LLMError: the LM was trained on other V2Flow weights, N / K do not match the decoder, or an
+                ONNX graph is missing where torch is not installed to make it.
         """
         from ..pipeline import V2FlowPipeline
-        from ..reference.checkpoint import WEIGHTS_NAME, resolve_model_path
-        from .export import VARIANT_FILES
 
+        if backend not in ("torch", "ort"):
+            raise LLMError(f"backend must be 'torch' or 'ort', got {backend!r}")
         lm_dir = resolve_lm_path(lm)
         vocab = VisualVocab.from_dir(lm_dir)
         model_dir = resolve_model_path(os.fspath(model))
+        is_export = (model_dir / EXPORT_MANIFEST).is_file() and not (model_dir / WEIGHTS_NAME).is_file()
+        if is_export and backend == "torch":
+            raise LLMError(f"{str(model_dir)!r} is an export folder: the torch backend needs the model folder "
+                           f"(config.json + {WEIGHTS_NAME}); use --backend ort with an export")
         if (model_dir / WEIGHTS_NAME).is_file():
-            same, theirs = vocab.made_for(model_dir)
-            if not same:
-                raise LLMError(f"the LM {str(lm_dir)!r} was trained on the visual tokens of another V2Flow "
-                               f"tokenizer ({(vocab.tokenizer_sha256 or vocab.v2flow_sha256)[:12]}…), but "
-                               f"{str(model_dir)!r} has {theirs[:12]}…: its visual tokens would decode to noise")
+            _check_made_for(vocab, lm_dir, model_dir)
         encoder = PromptEncoder(lm_dir)
         if backend == "torch":
             step: StepFn = TorchStep.from_pretrained(lm_dir)
             decoder = V2FlowPipeline.from_pretrained(model_dir, backend="torch", threads=threads or None)
-        elif backend == "ort":
-            if precision not in VARIANT_FILES:
-                raise LLMError(f"precision must be one of {sorted(VARIANT_FILES)}, got {precision!r}")
-            onnx_dir = llm_onnx_dir(lm_dir, threads or 1)
-            graph = onnx_dir / VARIANT_FILES[precision]
-            if not graph.is_file():
-                from .export import export_llm
-                wanted = tuple(dict.fromkeys(("fp32", "int8", "int8-block", precision)))
-                export_llm(lm_dir, onnx_dir, precisions=wanted, threads=threads or 1)
-            step = OrtStep.from_file(graph, threads)
-            decoder = V2FlowPipeline.from_pretrained(decoder_onnx or _decoder_export(model_dir), backend="ort",
-                                                     threads=threads or None)
-        else:
-            raise LLMError(f"backend must be 'torch' or 'ort', got {backend!r}")
+            return cls(step, encoder, vocab, decoder, lm_dir)
+        from .export import VARIANT_FILES
+
+        graph = llm_onnx_dir(lm_dir, threads or 1, precision) / VARIANT_FILES[precision]
+        step = OrtStep.from_file(graph, threads)
+        export = Path(decoder_onnx) if decoder_onnx else model_dir if is_export else _decoder_export(model_dir)
+        _check_made_for(vocab, lm_dir, export, Manifest.load(export, verify=False).tokenizer_sha256)
+        decoder = V2FlowPipeline.from_pretrained(export, backend="ort", threads=threads or None)
         return cls(step, encoder, vocab, decoder, lm_dir)
 
     def tokens(self, prompts: str | Sequence[str], seed: int | None = 0,
@@ -157,13 +142,63 @@ def decoder_sampling(sampling: dict[str, Any]) -> dict[str, Any]:
     return sampling
 
 
-def _decoder_export(model_dir: Path) -> Path:
-    """A cached fp32 ONNX export of the V2Flow model (made on first use; needs torch)."""
-    from ..reference.checkpoint import WEIGHTS_NAME
+def _check_made_for(vocab: VisualVocab, lm_dir: Path, v2flow: Path, theirs: str | None = None) -> None:
+    """LLMError unless the LM was trained on the visual tokens of ``v2flow``: a model folder, or an export
+    whose manifest records ``theirs``, the tokenizer fingerprint (an export or LM without one is not
+    checked)."""
+    if theirs is None:
+        same, theirs = vocab.made_for(v2flow)
+    else:
+        same = not (vocab.tokenizer_sha256 and theirs) or theirs == vocab.tokenizer_sha256
+    if not same:
+        raise LLMError(f"the LM {str(lm_dir)!r} was trained on the visual tokens of another V2Flow "
+                       f"tokenizer ({(vocab.tokenizer_sha256 or vocab.v2flow_sha256)[:12]}…), but "
+                       f"{str(v2flow)!r} has {theirs[:12]}…: its visual tokens would decode to noise")
 
+
+def _torch_missing() -> str | None:
+    """Why torch cannot be imported here, or None when it can (exports need it)."""
+    try:
+        import torch  # noqa: F401
+    except ImportError as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def llm_onnx_dir(lm_dir: Path, threads: int = 1, precision: str = "fp32") -> Path:
+    """The LM's export folder holding the ``precision`` graph: ``lm_dir/onnx`` if it has it, else a cache
+    folder keyed by the weights' hash, exported on first use (which needs torch)."""
+    from .export import MANIFEST_NAME, VARIANT_FILES, export_llm
+
+    if precision not in VARIANT_FILES:
+        raise LLMError(f"precision must be one of {sorted(VARIANT_FILES)}, got {precision!r}")
+    name = VARIANT_FILES[precision]
+    local = lm_dir / "onnx"
+    if (local / MANIFEST_NAME).is_file() and (local / name).is_file():
+        return local
+    key = file_sha256(lm_dir / "model.safetensors")[:16] if (lm_dir / "model.safetensors").is_file() else "x"
+    cached = cache_dir() / "llm-onnx" / key
+    if not ((cached / MANIFEST_NAME).is_file() and (cached / name).is_file()):
+        why = _torch_missing()
+        if why:
+            raise LLMError(f"the LM {str(lm_dir)!r} has no {precision} ONNX graph (in {local} or {cached}) and "
+                           f"torch is not installed to export one ({why}): run `v2flow-rt export-llm --lm {lm_dir} "
+                           f"--out {local}` where torch is, or install v2flow-rt[export,llm]")
+        export_llm(lm_dir, cached, precisions=tuple(dict.fromkeys(("fp32", "int8", "int8-block", precision))),
+                   threads=threads)
+    return cached
+
+
+def _decoder_export(model_dir: Path) -> Path:
+    """A cached fp32 ONNX export of the V2Flow model (made on first use, which needs torch)."""
     out = cache_dir() / "v2flow-onnx" / file_sha256(model_dir / WEIGHTS_NAME)[:16]
-    if not (out / "manifest.json").is_file():
-        from ..export.onnx import export_model
+    if not (out / EXPORT_MANIFEST).is_file():
+        why = _torch_missing()
+        if why:
+            raise LLMError(f"no ONNX export of the V2Flow model {str(model_dir)!r} in {out}, and torch is not "
+                           f"installed to make one ({why}): pass --decoder-onnx EXPORT_DIR (from `v2flow-rt export "
+                           f"{model_dir} --out EXPORT_DIR` where torch is), or install v2flow-rt[export]")
+        from ..export.folder import export_model
         export_model(model_dir, out, precisions=("fp32",), progress=False, quality=False)
     return out
 

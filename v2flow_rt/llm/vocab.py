@@ -158,7 +158,7 @@ def weights_sha256(v2flow_model: Any) -> str:
     """sha256 of a V2Flow model's weights file: a folder / ``"default"``, or a ``V2Flow`` instance (as
     ``save_pretrained`` would write it)."""
     if isinstance(v2flow_model, (str, os.PathLike)):
-        from ..reference.checkpoint import WEIGHTS_NAME, resolve_model_path
+        from ..config import WEIGHTS_NAME, resolve_model_path
         return file_sha256(resolve_model_path(os.fspath(v2flow_model)) / WEIGHTS_NAME)
     return v2flow_sha256(v2flow_model)
 

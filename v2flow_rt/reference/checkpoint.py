@@ -15,22 +15,18 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..config import DCAE_SCALE, V2FlowConfig
+from ..config import (  # noqa: F401  (ASSETS re-exported)
+    ASSETS,
+    CONFIG_NAME,
+    DCAE_SCALE,
+    WEIGHTS_NAME,
+    V2FlowConfig,
+    resolve_model_path,
+)
 from ..errors import CheckpointError, ConfigError
 from ..fileio import atomic_write, atomic_write_text, staged_folder
 from .codecs import DCAE_FOLDER, DCAE_KEY, check_dcae_folder, resolve_codec_path
 from .model import V2Flow
-
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
-ASSETS = Path(__file__).resolve().parent.parent / "assets"
-
-
-def resolve_model_path(path: str | Path) -> Path:
-    """``"default"`` names the bundled model; anything else is a folder path."""
-    if str(path) == "default":
-        return ASSETS / "default"
-    return Path(path)
 
 
 def save_pretrained(model: V2Flow, folder: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
