@@ -163,10 +163,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--tokenize-requests", type=int, default=320)
     parser.add_argument("--detokenize-requests", type=int, default=24)
     parser.add_argument("--json", help="also write the report here")
+    parser.add_argument("--png", help="also draw the figures here")
     a = parser.parse_args(argv)
 
     from dataset_fixtures import make_images
 
+    from v2flow_rt.machine_load import LoadMeter
+
+    meter = LoadMeter().start()     # other work moves these figures: record it, warn about it
     report: dict[str, Any] = {"load_before": _load(), "cpus": os.cpu_count(), "python": platform.python_version()}
     with tempfile.TemporaryDirectory(prefix="bench_scale_") as tmp:
         work = Path(tmp)
@@ -178,11 +182,53 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         report["serve"] = bench_server(a.export, images[:64], [1, 8, 32], a.tokenize_requests,
                                        a.detokenize_requests, work)
     report["load_after"] = _load()
+    report["machine"] = meter.stop()
+    if report["machine"]["warning"]:
+        print(f"warning: {report['machine']['warning']}", file=sys.stderr)
     text = json.dumps(report, indent=2)
     print(text)
     if a.json:
         Path(a.json).write_text(text + "\n")
+    if a.png:
+        plot(report, a.png)
     return report
+
+
+def plot(report: dict[str, Any], png: str) -> None:
+    """Left: dataset tokenization, images/s. Right: server throughput per concurrency against in-process."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    data, serve = report["tokenize_dataset"], report["serve"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    names = ["single process"] + [f"Ray, {k} actor(s)" for k in data["ray"]]
+    values = [data["single_process_images_per_s"]] + [r["images_per_s"] for r in data["ray"].values()]
+    left.bar(names, values, color=["#555"] + ["#3a7"] * len(data["ray"]))
+    left.set_ylabel("images / s")
+    left.set_title(f"tokenize {data['images']} files (batch {data['batch_size']})")
+    for model, colour in (("tokenize", "#37c"), ("detokenize", "#c63")):
+        rows = serve["server_http"][model]
+        conc = [int(c) for c in rows]
+        right.plot(conc, [r["throughput_per_s"] for r in rows.values()], "o-", color=colour,
+                   label=f"{model}: server (HTTP)")
+        right.axhline(serve["in_process"][model]["throughput_per_s"], color=colour, ls="--",
+                      label=f"{model}: in process")
+    right.set_xscale("log", base=2)
+    right.set_xticks(conc, [str(c) for c in conc])
+    right.set_yscale("log")
+    right.set_xlabel("concurrent requests")
+    right.set_ylabel("requests / s")
+    right.set_title("Triton (PyTriton) vs in-process calls")
+    right.legend(fontsize=8)
+    load = report.get("machine", {})
+    fig.suptitle(f"{report['cpus']} CPU cores; other processes meanwhile: {load.get('other_cores', '?')} cores "
+                 f"(1-min load {load.get('loadavg_start')} → {load.get('loadavg_end')}, this benchmark's included)",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
 
 
 def free_port() -> int:

@@ -20,13 +20,19 @@ def _loadavg() -> list[float]:
 
 
 class LoadMeter:
-    """``start()`` … ``stop()`` → the load average at both ends and this process's CPU time against wall time.
+    """``start()`` … ``stop()`` → the load average at both ends, this process's CPU time against wall time,
+    and the CPU time other processes used meanwhile.
 
-    The 1-minute load average counts this process too (about ``cpu_per_wall`` cores); what is left over is
-    other work: ``competing`` when that exceeds ``COMPETING_CORES``, with a ``warning`` to print.
+    Where ``/proc`` can be read, other work is measured: every process that is not this one or one of its
+    descendants (a benchmark's Ray workers or Triton server are its own), its CPU seconds over the interval
+    (``other_cpu_s``; per wall second ``other_cores``). Elsewhere it is estimated: the 1-minute load average
+    less this process's ``cpu_per_wall`` (``other_load``; children still running when ``stop`` is called
+    are not counted as this process's there). ``competing`` when other work exceeds ``COMPETING_CORES``,
+    with a ``warning`` to print.
     """
 
     def start(self) -> LoadMeter:
+        self.table0 = _proc_table()
         self.wall0, self.cpu0, self.load0 = time.perf_counter(), _cpu_seconds(), _loadavg()
         return self
 
@@ -34,6 +40,7 @@ class LoadMeter:
         wall = time.perf_counter() - self.wall0
         cpu = _cpu_seconds() - self.cpu0
         load1 = _loadavg()
+        table1 = _proc_table()
         cpu_per_wall = cpu / wall if wall > 0 else 0.0
         peak = max(self.load0[0] if self.load0 else 0.0, load1[0] if load1 else 0.0)
         others = max(0.0, peak - cpu_per_wall)
@@ -41,11 +48,60 @@ class LoadMeter:
                                   "process_cpu_s": round(cpu, 2), "cpu_per_wall": round(cpu_per_wall, 2),
                                   "other_load": round(others, 2), "competing": others > COMPETING_CORES,
                                   "warning": None}
-        if report["competing"]:
+        if self.table0 is not None and table1 is not None:
+            other_cpu = _other_cpu_seconds(self.table0, table1)
+            cores = other_cpu / wall if wall > 0 else 0.0
+            report.update(other_cpu_s=round(other_cpu, 2), other_cores=round(cores, 2),
+                          competing=cores > COMPETING_CORES)
+            if report["competing"]:
+                report["warning"] = (f"other processes used {other_cpu:.1f} CPU seconds in {wall:.1f} s ({cores:.2f} "
+                                     f"of {os.cpu_count()} cores): the timings and ratios may not reproduce")
+        elif report["competing"]:
             report["warning"] = (f"other work competed for the CPU (1-minute load up to {peak:.2f} on "
                                  f"{os.cpu_count()} cores, this process used {cpu_per_wall:.2f}): "
                                  f"the timings and ratios may not reproduce")
         return report
+
+
+ProcTable = dict[int, tuple[int, float]]    # pid → (parent pid, CPU seconds so far)
+
+
+def _proc_table() -> ProcTable | None:
+    """Every process's parent and CPU seconds from ``/proc/PID/stat``, or None where there is no /proc."""
+    try:
+        tick = os.sysconf("SC_CLK_TCK")
+        pids = [int(p) for p in os.listdir("/proc") if p.isdigit()]
+    except (OSError, ValueError, AttributeError):
+        return None
+    table: ProcTable = {}
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()   # the name may hold spaces and parentheses
+        except (OSError, IndexError):
+            continue                                             # it exited meanwhile
+        table[pid] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / tick)   # ppid, utime + stime
+    return table
+
+
+def _other_cpu_seconds(before: ProcTable, after: ProcTable) -> float:
+    """CPU seconds used between the two tables by processes other than this one and its descendants."""
+    ours = {os.getpid()}
+    for table in (before, after):
+        children: dict[int, list[int]] = {}
+        for pid, (ppid, _) in table.items():
+            children.setdefault(ppid, []).append(pid)
+        todo = [os.getpid()]
+        while todo:
+            for child in children.get(todo.pop(), []):
+                if child not in ours:
+                    ours.add(child)
+                    todo.append(child)
+    total = 0.0
+    for pid, (_, cpu) in after.items():
+        if pid not in ours:
+            total += max(0.0, cpu - before[pid][1]) if pid in before else cpu
+    return total
 
 
 def _cpu_seconds() -> float:
