@@ -1,4 +1,4 @@
-"""pyproject.toml tells the truth: the [trt] extra lists what engines/trt.py imports, the license is SPDX."""
+"""pyproject.toml tells the truth: [trt] and [llm-ort] list what their code paths import, the license is SPDX."""
 
 from __future__ import annotations
 
@@ -43,3 +43,14 @@ def test_license_is_an_spdx_string() -> None:
 
 def test_hypothesis_is_a_dev_dependency() -> None:
     assert "hypothesis" in _dists("dev")
+
+
+def test_llm_ort_extra_is_what_generate_on_ort_needs_beyond_the_base() -> None:
+    """``generate --backend ort`` (tested without torch in test_llm.py) tokenizes prompts with tokenizers
+    and fingerprints a model folder with safetensors' numpy API; the extra brings those and no torch."""
+    imported = _imported_top_modules(ROOT / "v2flow_rt" / "llm" / "generate.py") | \
+        _imported_top_modules(ROOT / "v2flow_rt" / "manifest.py")
+    assert {"tokenizers", "safetensors"} <= imported
+    assert _dists("llm-ort") == {"tokenizers", "safetensors"}
+    base = {re.split(r"[<>=\[ ;]", d, maxsplit=1)[0].lower() for d in PYPROJECT["project"]["dependencies"]}
+    assert "onnxruntime" in base and "torch" not in base
