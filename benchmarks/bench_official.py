@@ -6,7 +6,8 @@ loop (``*_loop``).
 
 Every backend runs in its own process (so its peak RSS is its own), one after the other, on the same crops,
 the same ids and the same seed. The machine's load is recorded around each process (load average, the
-process's CPU time against its wall time); a warning is printed when other work competed.
+process's CPU time against its wall time, the CPU time other processes used meanwhile); a warning is
+printed when other work competed.
 
     v2flow-rt init --preset base-256 --out runs/base256 --randomize-zero-layers
     v2flow-rt export runs/base256 --out runs/base256_export --precision fp32,int8
@@ -83,6 +84,7 @@ def worker(a: argparse.Namespace) -> None:
 def run(a: argparse.Namespace) -> dict[str, Any]:
     from tqdm import tqdm
 
+    from v2flow_rt.machine_load import LoadMeter
     from v2flow_rt.metrics import psnr
 
     report: dict[str, Any] = {"model": a.model, "export": a.export, "batches": a.batches, "repeat": a.repeat,
@@ -99,11 +101,12 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
             if ids_path.is_file():
                 cmd += ["--ids", str(ids_path)]
             load_before, t0 = os.getloadavg()[0], time.perf_counter()
+            meter = LoadMeter().start()     # other processes' CPU, this worker excluded (it is our child)
             subprocess.run(cmd, check=True)
             wall = time.perf_counter() - t0
             r = json.loads(result.read_text())
             r["machine"] = {"loadavg_1min_before": load_before, "loadavg_1min_after": os.getloadavg()[0],
-                            "wall_s": wall, "cpu_over_wall": r["cpu_s"] / wall}
+                            "wall_s": wall, "cpu_over_wall": r["cpu_s"] / wall, "load": meter.stop()}
             if not ids_path.is_file():      # the first backend's ids are every backend's detokenize input
                 np.save(ids_path, np.asarray(r["photo_ids"], dtype=np.int64))
             report["backends"][name] = r
@@ -120,9 +123,11 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
             r["id_agreement_vs_ort_fp32"] = float((ids[name] == ids["ort-fp32"]).mean())
         if first in images and name in images and name != first:
             r[f"detokenize_psnr_vs_{first}_db"] = psnr(images[name], images[first], data_range=2.0)
-    busy = [n for n, r in report["backends"].items() if r["machine"]["loadavg_1min_before"] > 0.7]
+    # the 1-minute load average before a worker still holds the previous worker's load: judge by the CPU
+    # other processes used during each worker (measured from /proc where it can be read)
+    busy = [n for n, r in report["backends"].items() if r["machine"]["load"]["competing"]]
     if busy:
-        print(f"warning: other work was running before {busy} (1-min load > 0.7): ratios may be off", file=sys.stderr)
+        print(f"warning: other work competed with {busy}: ratios may be off", file=sys.stderr)
     return report
 
 
@@ -156,8 +161,9 @@ def main() -> None:
                       f"({f['tokenize' + sfx + '_speedup_' + v]:.2f}x)  detokenize "
                       f"{f['detokenize' + sfx]['median_ms']:8.0f} ms ({f['detokenize' + sfx + '_speedup_' + v]:.2f}x)"
                       f"  peak RSS {r['peak_rss_gib']:.1f} GiB")
-        print(f"{name:9s} ids vs ORT fp32 {r.get('id_agreement_vs_ort_fp32', float('nan')):.4f}; load before "
-              f"{r['machine']['loadavg_1min_before']:.2f}, CPU/wall {r['machine']['cpu_over_wall']:.2f}")
+        other = r["machine"]["load"].get("other_cores", r["machine"]["load"]["other_load"])
+        print(f"{name:9s} ids vs ORT fp32 {r.get('id_agreement_vs_ort_fp32', float('nan')):.4f}; other processes "
+              f"{other:.2f} cores, CPU/wall {r['machine']['cpu_over_wall']:.2f}")
 
 
 if __name__ == "__main__":
