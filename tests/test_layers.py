@@ -17,8 +17,8 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "v2flow_rt"
 
 FLOORS: dict[int, tuple[str, ...]] = {
-    1: ("v2flow_rt", "config", "errors", "sampling", "data", "fileio", "ids", "metrics", "colour", "machine_load",
-        "llm", "scale"),    # the llm and scale package files are empty
+    1: ("v2flow_rt", "config", "errors", "sampling", "data", "fileio", "ids", "metrics", "colour", "procedural",
+        "machine_load", "llm", "scale"),    # the llm and scale package files are empty
     2: ("stages", "manifest", "reference"),
     # llm.generate holds the LM's step backends (torch / ORT) and its decoding loop: the LLM's engines, used
     # by llm.export, so on the engines' floor (the starting layout put it on 4 beside the pipeline).

@@ -27,7 +27,8 @@ def _cmd_train(a: argparse.Namespace) -> int:
     settings = TrainSettings(steps=a.steps, batch_size=a.batch_size, lr=a.lr, seed=a.seed,
                              max_minutes=a.max_minutes, threads=a.threads, ema_decay=a.ema_decay,
                              warmup=a.warmup, schedule=a.schedule, aux_recon=a.aux_recon,
-                             tokenizer_steps=a.tokenizer_steps, aux_context=a.aux_context)
+                             tokenizer_steps=a.tokenizer_steps, aux_context=a.aux_context,
+                             colour_aug=a.colour_aug)
     final = train(config, a.out, settings, llm_embed=embed, resume=not a.no_resume)
     print(f"saved {final}")
     return 0
@@ -241,6 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--aux-context", type=int, default=0, metavar="BLOCKS",
                    help="make the --aux-recon head see each code's neighbours: this many 3x3 residual conv "
                         "blocks over the token grid (0: a per-token linear map)")
+    p.add_argument("--colour-aug", type=float, default=0.0, metavar="P",
+                   help="recolour this fraction of training crops (hue over the whole circle, saturation, "
+                        "value, colour temperature; 0: the photos' own colours)")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("eval", help="PSNR/SSIM on the held-out photos against the token-grid baseline")

@@ -63,6 +63,7 @@ def check_options(a: argparse.Namespace) -> None:
     floats("ema_decay", 0.0, 1.0)
     floats("max_minutes", 0.0, 1e7)
     floats("prompt_drop", 0.0, 1.0)
+    floats("colour_aug", 0.0, 1.0)
     if cmd == "export":
         _precision_list("--precision", a.precision)
     elif isinstance(v.get("precision"), str) and isinstance(v.get("backend"), str) and cmd != "generate":

@@ -1,12 +1,14 @@
 """Colour transforms of uint8 RGB images (numpy only): hue rotation and saturation scaling in HSV.
 
 Used by the colour evaluation suite (``evaluate.evaluate_colour``) to show a model photos whose palette
-is unlike its training set's, and usable as training augmentation. HSV as in ``colorsys``: hue in
-turns [0, 1), value = max(R, G, B), saturation = (max − min) / max; a gray pixel has no hue and stays
-gray under every rotation.
+is unlike its training set's, and by training (``ColourJitter``) so that a model learns every hue. HSV as
+in ``colorsys``: hue in turns [0, 1), value = max(R, G, B), saturation = (max − min) / max; a gray pixel
+has no hue and stays gray under every rotation.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -42,3 +44,56 @@ def recolour(images: np.ndarray, hue_deg: float = 0.0, saturation: float = 1.0) 
     hsv[..., 0] = (hsv[..., 0] + hue_deg / 360.0) % 1.0
     hsv[..., 1] = np.clip(hsv[..., 1] * saturation, 0.0, 1.0)
     return np.rint(hsv_to_rgb(hsv) * 255.0).clip(0, 255).astype(np.uint8)
+
+
+# ----------------------------------------------------------------------------- training augmentation
+
+@dataclass(frozen=True)
+class ColourJitter:
+    """Random colour changes of training crops, so a model sees every hue whatever its photos' palette.
+
+    Each crop is changed with probability ``p``; a changed crop gets all four, each drawn on its own:
+    its hue rotated by a uniform angle over the whole circle, its saturation scaled log-uniformly in
+    ``saturation`` (clipped to 1), its value (HSV V) scaled uniformly in ``value`` (clipped), and a
+    colour temperature shift: red × (1 + t), blue × (1 − t) with t uniform in ±``temperature``, which
+    also tints gray photos that hue rotation leaves gray.
+    """
+
+    p: float = 0.8
+    saturation: tuple[float, float] = (0.5, 1.8)
+    value: tuple[float, float] = (0.8, 1.15)
+    temperature: float = 0.15
+
+    def __post_init__(self) -> None:
+        lo_s, hi_s = self.saturation
+        lo_v, hi_v = self.value
+        if not (0.0 <= self.p <= 1.0 and 0.0 < lo_s <= hi_s and 0.0 < lo_v <= hi_v
+                and 0.0 <= self.temperature < 1.0):
+            raise ValueError(f"ColourJitter: expected p in [0, 1], 0 < low <= high for saturation and value, "
+                             f"temperature in [0, 1); got {self}")
+
+    def __call__(self, images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """uint8 [n, H, W, 3] → uint8 [n, H, W, 3], the chosen crops recoloured (a new array).
+
+        Draws a fixed number of values per crop from ``rng`` (changed or not), so the same rng state gives
+        the same crops whatever ``p`` picks.
+        """
+        n = len(images)
+        chosen = rng.random(n) < self.p
+        hue = rng.random(n)                                                     # turns
+        sat = np.exp(rng.uniform(np.log(self.saturation[0]), np.log(self.saturation[1]), n))
+        val = rng.uniform(self.value[0], self.value[1], n)
+        temp = rng.uniform(-self.temperature, self.temperature, n)
+        out = np.array(images, dtype=np.uint8, copy=True)
+        if not chosen.any():
+            return out
+        hsv = rgb_to_hsv(out[chosen] / 255.0)                                   # (k, H, W, 3)
+        k = (slice(None), None, None)
+        hsv[..., 0] = (hsv[..., 0] + hue[chosen][k]) % 1.0
+        hsv[..., 1] = np.clip(hsv[..., 1] * sat[chosen][k], 0.0, 1.0)
+        hsv[..., 2] = np.clip(hsv[..., 2] * val[chosen][k], 0.0, 1.0)
+        rgb = hsv_to_rgb(hsv)
+        rgb[..., 0] *= 1.0 + temp[chosen][k]
+        rgb[..., 2] *= 1.0 - temp[chosen][k]
+        out[chosen] = np.rint(np.clip(rgb, 0.0, 1.0) * 255.0).astype(np.uint8)
+        return out

@@ -1,7 +1,8 @@
 """Built-in photos, image I/O and the crops the model trains and is evaluated on.
 
-The photos are real images that ship inside pip packages (scikit-image, scikit-learn, matplotlib), so
-training and evaluation need no download. Only numpy and pillow are imported at module load; the
+The photos are real images that ship inside pip packages (scikit-image, scikit-learn, matplotlib,
+PyWavelets: the ``[data]`` extra), so training and evaluation need no download; ``procedural`` adds
+seeded images for the colours the photos lack. Only numpy and pillow are imported at module load; the
 package that holds a photo is located when that photo is first asked for.
 
 Array conventions: an image is ``uint8 [H, W, 3]`` RGB; a model batch is ``float32 [B, 3, H, W]`` in
@@ -21,10 +22,16 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
+from . import procedural
+from .colour import ColourJitter
 from .errors import ImageError, ShapeError
 from .fileio import atomic_write
 
-# name -> (package, file inside that package's sample-data folder)
+# name -> (package, file inside that package's sample-data folder). Licences as the packages state them
+# (their loaders' docstrings): scikit-image's photos are CC0 or public domain ("no known copyright
+# restrictions" for coins); scikit-learn's china and flower are CC BY 2.0 (sklearn/datasets/images/
+# README.txt); matplotlib's grace_hopper is a US Navy photo (public domain); PyWavelets' ascent is from
+# public-domain-image.com. Grayscale ones are returned as RGB.
 PHOTOS: dict[str, tuple[str, str]] = {
     "astronaut": ("skimage", "astronaut.png"),
     "coffee": ("skimage", "coffee.png"),
@@ -35,19 +42,33 @@ PHOTOS: dict[str, tuple[str, str]] = {
     "hubble_deep_field": ("skimage", "hubble_deep_field.jpg"),
     "retina": ("skimage", "retina.jpg"),
     "ihc": ("skimage", "ihc.png"),
-    "camera": ("skimage", "camera.png"),        # grayscale, returned as RGB
-    "brick": ("skimage", "brick.png"),          # grayscale, returned as RGB
-    "grass": ("skimage", "grass.png"),          # grayscale, returned as RGB
-    "gravel": ("skimage", "gravel.png"),        # grayscale, returned as RGB
+    "camera": ("skimage", "camera.png"),        # grayscale
+    "brick": ("skimage", "brick.png"),          # grayscale
+    "grass": ("skimage", "grass.png"),          # grayscale
+    "gravel": ("skimage", "gravel.png"),        # grayscale
+    "cell": ("skimage", "cell.png"),            # grayscale, a cell in saline (CC0)
+    "clock": ("skimage", "clock_motion.png"),   # grayscale, a motion-blurred wall clock (public domain)
+    "coins": ("skimage", "coins.png"),          # grayscale, Greek coins from Pompeii
+    "moon": ("skimage", "moon.png"),            # grayscale, the moon's surface
     "china": ("sklearn", "china.jpg"),
     "flower": ("sklearn", "flower.jpg"),
     "grace_hopper": ("matplotlib", "grace_hopper.jpg"),
+    "ascent": ("pywt", "ascent.npz"),           # grayscale, people on a staircase
 }
+# Left out on purpose: scikit-image's microaneurysms (102 px), page and text (under 200 px tall, scanned
+# text), color/logo/horse/chessboard (graphics, not photos), lfw_subset (25 px faces); PyWavelets' camera
+# (= scikit-image's) and aero (no licence stated); matplotlib's other images (logos, clip art, data);
+# mahotas' demo images (one is a copyrighted illustration, the others state no licence). Colours no
+# photo has come from ``procedural`` instead.
+
 # Never used in training: the held-out evaluation measures generalisation, not memorisation.
 HELDOUT_PHOTOS: tuple[str, ...] = ("chelsea", "grace_hopper")
 TRAIN_PHOTOS: tuple[str, ...] = tuple(n for n in PHOTOS if n not in HELDOUT_PHOTOS)
+#: What ``train`` uses by default: the training photos and the procedural images.
+TRAIN_IMAGES: tuple[str, ...] = TRAIN_PHOTOS + tuple(procedural.IMAGES)
 
-_PIP_NAMES = {"skimage": "scikit-image", "sklearn": "scikit-learn", "matplotlib": "matplotlib"}
+_PIP_NAMES = {"skimage": "scikit-image", "sklearn": "scikit-learn", "matplotlib": "matplotlib",
+              "pywt": "PyWavelets"}
 # What PIL raises on a truncated or corrupt file differs by format and decoder.
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error, zlib.error)
 
@@ -70,21 +91,33 @@ def _photo_path(package: str, file: str) -> str:
         # The folder sklearn.datasets.load_sample_images() reads. Importing sklearn.datasets costs
         # ~2 s (it pulls in scipy), so find the folder from the package's location instead.
         return os.path.join(next(iter(spec.submodule_search_locations)), "datasets", "images", file)
+    if package == "pywt":   # its data folder, found without importing pywt (which imports scipy parts)
+        return os.path.join(next(iter(spec.submodule_search_locations)), "data", file)
     import matplotlib.cbook  # package == "matplotlib"
 
     return str(matplotlib.cbook.get_sample_data(file, asfileobj=False))
 
 
 def load_photo(name: str) -> np.ndarray:
-    """Load a built-in photo by name (a key of ``PHOTOS``).
+    """Load a built-in photo by name (a key of ``PHOTOS``) or a procedural image (``procedural.IMAGES``).
 
     Returns uint8 [H, W, 3] RGB (the grayscale photos are repeated over three channels).
     Raises ImageError for an unknown name (listing the known ones) or a missing package.
     """
+    if name in procedural.IMAGES:
+        return procedural.make(name)
     if name not in PHOTOS:
-        raise ImageError(f"unknown photo {name!r}; known photos: {', '.join(PHOTOS)}")
+        raise ImageError(f"unknown photo {name!r}; known photos: {', '.join(PHOTOS)}; "
+                         f"procedural images: {', '.join(procedural.IMAGES)}")
     package, file = PHOTOS[name]
-    return load_image(_photo_path(package, file))
+    path = _photo_path(package, file)
+    if file.endswith(".npz"):   # PyWavelets keeps its images as uint8 [H, W] arrays
+        try:
+            with np.load(path) as arrays:
+                return as_rgb(arrays["data"], f"photo {name!r}")
+        except (OSError, KeyError, ValueError) as e:
+            raise ImageError(f"{path}: cannot read photo {name!r} ({e})") from e
+    return load_image(path)
 
 
 # ----------------------------------------------------------------------------- reading
@@ -280,14 +313,16 @@ class CropSampler:
     Each crop picks a random image, then a random scale among those at which that image is still at
     least ``size`` pixels on both sides (scales too small for an image are skipped for it), then a
     random position and, if ``flip``, a random horizontal flip. Sampling after construction is pure
-    numpy slicing, so it is cheap enough to call every training step.
+    numpy slicing, so it is cheap enough to call every training step. ``colour`` (a
+    ``colour.ColourJitter``) then recolours some of the crops.
 
     Raises ShapeError for a non-image input or bad size/scales, ImageError for an image too small
     for ``size`` at every scale.
     """
 
     def __init__(self, images: Sequence[np.ndarray], size: int,
-                 scales: Sequence[float] = (1.0, 0.5, 0.25), flip: bool = True) -> None:
+                 scales: Sequence[float] = (1.0, 0.5, 0.25), flip: bool = True,
+                 colour: ColourJitter | None = None) -> None:
         if len(images) == 0:
             raise ShapeError("CropSampler: expected at least one image, got none")
         if size < 1:
@@ -297,6 +332,7 @@ class CropSampler:
         self.size = size
         self.scales = tuple(float(s) for s in scales)
         self.flip = flip
+        self.colour = colour
         # levels[i] = downscaled copies of image i (uint8 [h, w, 3]) large enough for a crop
         self.levels: list[list[np.ndarray]] = []
         for i, img in enumerate(images):
@@ -323,6 +359,8 @@ class CropSampler:
             x = min(int(u_x[k] * (src.shape[1] - s + 1)), src.shape[1] - s)
             crop = src[y:y + s, x:x + s]
             out[k] = crop[:, ::-1] if flips[k] else crop
+        if self.colour is not None:
+            out = self.colour(out, rng)
         return to_model_range(out)
 
 

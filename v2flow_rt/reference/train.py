@@ -20,7 +20,8 @@ import numpy as np
 import torch
 
 from ..config import V2FlowConfig
-from ..data import PHOTOS, CropSampler, load_photo
+from ..colour import ColourJitter
+from ..data import TRAIN_IMAGES, CropSampler, load_photo
 from ..errors import CheckpointError, ConfigError
 from ..fileio import atomic_write
 from .checkpoint import safe_torch_load, save_pretrained
@@ -54,6 +55,9 @@ class TrainSettings:
     # blocks, the head sees each code's neighbours, so the tokenizer learns codes a decoder with context
     # (the masked transformer) can use, not only codes that stand for their own cell.
     aux_context: int = 0
+    # Probability that a training crop is recoloured (``colour.ColourJitter``: hue over the whole circle,
+    # saturation, value, colour temperature); 0 = the photos' own colours only.
+    colour_aug: float = 0.0
 
 
 class ResBlock(torch.nn.Module):
@@ -152,8 +156,12 @@ def train(config: V2FlowConfig, out_dir: str | Path, settings: TrainSettings,
         torch.set_num_threads(settings.threads)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    names = list(photos or [n for n in PHOTOS if n not in ("chelsea", "grace_hopper")])
-    sampler = CropSampler([load_photo(n) for n in names], config.img_size, settings.crop_scales, flip=True)
+    if not 0.0 <= settings.colour_aug <= 1.0:
+        raise ConfigError(f"colour_aug is a probability in [0, 1], got {settings.colour_aug}")
+    names = list(photos or TRAIN_IMAGES)
+    jitter = ColourJitter(p=settings.colour_aug) if settings.colour_aug else None
+    sampler = CropSampler([load_photo(n) for n in names], config.img_size, settings.crop_scales, flip=True,
+                          colour=jitter)
     codec = build_codec(config)
     torch.manual_seed(settings.seed)
     model = V2Flow(config, llm_embed=llm_embed).train()
