@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..config import V2FlowConfig
 from ..colour import ColourJitter
+from ..config import V2FlowConfig
 from ..data import TRAIN_IMAGES, CropSampler, load_photo
 from ..errors import CheckpointError, ConfigError
 from ..fileio import atomic_write
