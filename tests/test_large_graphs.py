@@ -95,3 +95,56 @@ def test_an_external_data_tokenizer_gets_streamed_int8(tmp_path: Path, monkeypat
     assert "kept fp32" in m.precision_notes["fp16"]["tokenizer"]["method"]
     assert (tmp_path / "export" / "tokenizer.int8.onnx.data").stat().st_size < \
         0.5 * (tmp_path / "export" / "tokenizer.fp32.onnx.data").stat().st_size
+
+
+def _transposed_weight_graph(path: Path, external: bool) -> Path:
+    """x [rows, 64] → MatMul(x, Transpose(W)) twice over one Transpose (a Linear shared by two call sites, as
+    the exporter writes the one-call graphs' unrolled iterations) and a 3-D Transpose of a second weight."""
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((300, 64)).astype(np.float32)                   # Linear(64 → 300).weight
+    v = rng.standard_normal((2, 300, 3)).astype(np.float32)
+    nodes = [helper.make_node("Transpose", ["w"], ["wt"], perm=[1, 0]),
+             helper.make_node("Transpose", ["wt"], ["wt_back"], perm=[1, 0]),  # reads the folded output
+             helper.make_node("MatMul", ["x", "wt"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("MatMul", ["r", "wt_back"], ["g"]), helper.make_node("Add", ["g", "x"], ["s"]),
+             helper.make_node("MatMul", ["x", "wt"], ["h2"]),
+             helper.make_node("Transpose", ["v"], ["vt"], perm=[0, 2, 1]),
+             helper.make_node("MatMul", ["vt", "wt_back"], ["u"]), helper.make_node("Mul", ["u", "x"], ["ux"]),
+             helper.make_node("ReduceSum", ["ux"], ["y"], keepdims=0)]
+    graph = helper.make_graph(nodes, "t", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 64])],
+                              [helper.make_tensor_value_info("s", TensorProto.FLOAT, [3, 64]),
+                               helper.make_tensor_value_info("h2", TensorProto.FLOAT, [3, 300]),
+                               helper.make_tensor_value_info("y", TensorProto.FLOAT, [])],
+                              [numpy_helper.from_array(w, "w"), numpy_helper.from_array(v, "v")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    if external:
+        onnx.save_model(model, str(path), save_as_external_data=True, location=path.name + ".data", size_threshold=0)
+    else:
+        onnx.save_model(model, str(path))
+    return path
+
+
+@pytest.mark.parametrize("external", [False, True], ids=["inline", "external-data"])
+def test_weight_transposes_are_folded_into_the_weights(tmp_path: Path, external: bool) -> None:
+    from v2flow_rt.export.large import fold_constant_transposes
+
+    path = _transposed_weight_graph(tmp_path / "t.onnx", external)
+    x = np.random.default_rng(4).standard_normal((3, 64)).astype(np.float32)
+    before = ort_session(path).run(None, {"x": x})
+    # the two Transposes of initializers go; the one of a Transpose's output stays (not an initializer yet)
+    assert fold_constant_transposes(path) == 2
+    model = onnx.load(str(path), load_external_data=False)
+    assert [n.op_type for n in model.graph.node].count("Transpose") == 1
+    assert {t.name for t in model.graph.initializer} == {"wt", "vt"}    # the originals no one reads are gone
+    after = ort_session(path).run(None, {"x": x})
+    for a, b in zip(after, before):
+        np.testing.assert_array_equal(a, b)                      # a transposed copy: bit-identical results
+    if external:
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["t.onnx", "t.onnx.data"]   # no side folder left
+    assert fold_constant_transposes(path) == 1                  # the remaining one reads "wt" now: folded too
+    for a, b in zip(ort_session(path).run(None, {"x": x}), before):
+        np.testing.assert_array_equal(a, b)
+    # int8 now quantizes the MatMuls whose weights were behind a Transpose
+    quantize_int8(path, tmp_path / "int8.onnx", "dynamic")
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "int8.onnx"), load_external_data=False).graph.node]
+    assert ops.count("MatMulInteger") == 4 and "MatMul" not in ops, ops

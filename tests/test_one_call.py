@@ -79,6 +79,25 @@ def test_manifest_records_what_the_graph_bakes_in(guided: dict[str, Any]) -> Non
     assert "one_call" in q["int8"]
 
 
+def test_int8_graphs_quantize_every_weight_matmul(guided: dict[str, Any]) -> None:
+    """The exporter writes a Linear shared by the unrolled iterations (and one on a 3-D input) as
+    MatMul(x, Transpose(W)); with the weight folded (``export.large.fold_constant_transposes``) every weight
+    matmul is quantized, as in the stage graphs. Left in fp32: attention's activation × activation."""
+    import onnx
+
+    for stage in ("detokenize", "mar_step", "ode"):
+        fp32 = onnx.load(str(guided["manifest"].path(stage, "fp32")))
+        int8 = onnx.load(str(guided["manifest"].path(stage, "int8")))
+        weights = {t.name for t in fp32.graph.initializer}
+        assert not [n for n in fp32.graph.node if n.op_type == "Transpose" and n.input[0] in weights], stage
+        weight_matmuls = [n for n in fp32.graph.node if n.op_type in ("MatMul", "Gemm") and n.input[1] in weights]
+        assert weight_matmuls, stage
+        int8_weights = {t.name for t in int8.graph.initializer}
+        left = [n.name for n in int8.graph.node if n.op_type in ("MatMul", "Gemm") and n.input[1] in int8_weights]
+        assert not left, (stage, left)
+        assert sum(n.op_type == "MatMulInteger" for n in int8.graph.node) == len(weight_matmuls), stage
+
+
 def test_one_call_equals_the_loop_on_the_same_engine(guided: dict[str, Any]) -> None:
     pipe = V2FlowPipeline.from_pretrained(guided["folder"], backend="ort")
     ids = np.random.default_rng(5).integers(0, 4096, (3, 64))

@@ -7,6 +7,7 @@ Here the graph structure is loaded without its data (``load_external_data=False`
 read through ``numpy.memmap`` in row chunks, so memory stays near one chunk:
 
 - ``copy_large``: a graph and its external data under a new name (data copied file to file);
+- ``fold_constant_transposes``: weights the exporter transposes at run time stored transposed instead;
 - ``quantize_matmuls``: per-channel int8 weights for MatMuls with a constant weight, with dynamic
   activation quantization, the same scheme as ``quantize_dynamic(per_channel=True, QInt8)``:
   ``DynamicQuantizeLinear(x) → MatMulInteger(x_q, W_q, x_zp, 0) → Cast → Mul(x_scale · w_scale[N])``,
@@ -188,6 +189,82 @@ def quantize_matmuls(src: Path, dst: Path, exclude: Sequence[str] = (), min_valu
     return {"method": "per-channel symmetric int8 weights (max|W[:, n]|/127), dynamic uint8 activations "
                       "(DynamicQuantizeLinear → MatMulInteger), written streaming from the fp32 external data",
             "quantized_nodes": sorted(targets), "excluded_nodes": list(exclude)}
+
+
+def _transposed_rows(a: np.ndarray) -> Iterator[bytes]:
+    """The bytes of ``a.T`` for a 2-D (memory-mapped) array, a block of output rows at a time."""
+    cols = max(1, ROW_CHUNK_BYTES // max(1, a.shape[0] * a.itemsize))
+    for j in range(0, a.shape[1], cols):
+        yield np.ascontiguousarray(a[:, j:j + cols].T).tobytes()
+
+
+def fold_constant_transposes(path: Path) -> int:
+    """Replace every ``Transpose`` of an initializer by the transposed initializer, in place; return how many.
+
+    The exporter writes a Linear on a 3-D input, and a weight shared by several call sites (the unrolled
+    iterations of the one-call graphs), as ``MatMul(x, Transpose(W))``. ONNX Runtime folds that when a
+    session starts, but not above its size limit (the official 4 GB readout was transposed on every
+    call), and the int8 quantizers only quantize a MatMul whose weight is an initializer, so such MatMuls
+    stayed fp32 in the int8 graphs. A weight in external data is transposed streaming, a block of columns
+    at a time, into a new data file.
+    """
+    model = onnx.load(str(path), load_external_data=False)
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    inputs = {i.name for i in graph.input}
+    folds = [n for n in graph.node if n.op_type == "Transpose" and n.input[0] in inits and n.input[0] not in inputs]
+    if not folds:
+        return 0
+    fold_ids = {id(n) for n in folds}
+    locations = sorted({e["location"] for t in graph.initializer if (e := _external(t)) is not None})
+    staged = path.parent / f".{path.name}.fold"
+    if locations:            # read the old data from a side folder while the new file takes its name
+        staged.mkdir(exist_ok=True)
+        for location in locations:
+            os.replace(path.parent / location, staged / location)
+    data = None
+    try:
+        data = _DataFile(path.with_name(data_name(path))) if locations else None
+        read = {n.input[0] for n in folds}
+        still_read = ({name for n in graph.node if id(n) not in fold_ids for name in n.input}
+                      | {o.name for o in graph.output})
+        transposed: list[TensorProto] = []
+        for node in folds:
+            src = inits[node.input[0]]
+            perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), list(range(len(src.dims)))[::-1])
+            a = read_tensor(src, staged)
+            new = TensorProto(name=node.output[0], data_type=src.data_type, dims=[int(src.dims[i]) for i in perm])
+            if _external(src) is not None and data is not None and perm == [1, 0]:
+                data.add(new, _transposed_rows(a))
+            else:
+                new = numpy_helper.from_array(np.ascontiguousarray(np.transpose(np.asarray(a), perm)), node.output[0])
+            transposed.append(new)
+        kept = [t for t in graph.initializer if not (t.name in read and t.name not in still_read)]
+        for t in kept:
+            if _external(t) is not None and data is not None:
+                _copy_external(t, staged, data)
+        del graph.initializer[:]
+        graph.initializer.extend(kept + transposed)
+        nodes = [n for n in graph.node if id(n) not in fold_ids]
+        del graph.node[:]
+        graph.node.extend(nodes)
+        if data is not None:
+            _save(model, path, data)
+        else:
+            onnx.save_model(model, str(path))
+    except BaseException:
+        if data is not None:             # put the old data back: the graph file is unchanged until _save
+            data.f.close()
+            data.path.unlink(missing_ok=True)
+            for location in locations:
+                os.replace(staged / location, path.parent / location)
+        raise
+    finally:
+        if locations:
+            for f in staged.iterdir():
+                f.unlink()
+            staged.rmdir()
+    return len(folds)
 
 
 def remove_graph(path: Path) -> None:

@@ -23,6 +23,7 @@ import torch
 from .. import __version__
 from ..errors import ExportError, V2FlowError
 from ..stages import StageSpec
+from .large import fold_constant_transposes
 from .precision import EXTERNAL_DATA_BYTES, graph_files
 
 
@@ -89,6 +90,7 @@ def export_graph(module: torch.nn.Module, spec: StageSpec, path: Path, opset: in
     for old in graph_files(path):
         old.unlink(missing_ok=True)
     program.save(str(path), external_data=weights > EXTERNAL_DATA_BYTES)
+    fold_constant_transposes(path)
     check_graph(path, spec)
     return graph_files(path)
 
