@@ -221,6 +221,10 @@ def test_validate_eval_bench_and_demo_accept_an_official_model(flow: dict[str, A
     assert res["ort-fp32"]["one_call"] == {"tokenize": True, "detokenize": True}
     assert res["ort-fp32-loop"]["one_call"] == {"tokenize": False, "detokenize": False}
     assert all(r["ids_equal_torch"] and r["psnr_vs_torch"] > 60 for r in res.values()), res
+    floor = b["flops"]["detokenize"] / b["matmul_peak"]["ort_gflops"] / 1e6
+    assert b["detokenize_floor_ms"] == pytest.approx(floor) and floor > 0
+    assert all(r["detokenize_ort_peak_fraction"] == pytest.approx(floor / r["detokenize"]["median_ms"])
+               for r in res.values())
     assert main(["demo", "--model", str(flow["model_dir"]), "--export", str(flow["export"]), "--out",
                  str(tmp_path / "demo"), "--precisions", "fp32", "--repeat", "1", "--steps", str(STEPS)]) == 0
     assert (tmp_path / "demo" / "report.md").is_file() and (tmp_path / "demo" / "reconstructions.png").is_file()

@@ -1,8 +1,9 @@
 """Benchmarks in one harness: PyTorch eager and ``torch.compile`` as baselines beside every ONNX Runtime
 precision, per stage and end to end, reported as ratios measured in the same run.
 
-Also reports matmul FLOPs per stage and the fraction of this machine's measured matrix-multiply peak
-that the fused velocity ODE loop reaches. Times are medians of ``repeat`` runs after warm-up.
+Also reports matmul FLOPs per stage and per decode, the fraction of this machine's measured matrix-multiply
+peak that the fused velocity ODE loop and each backend's whole decode reach, and the decode's floor: its
+matmul FLOPs at ONNX Runtime's measured MatMul rate. Times are medians of ``repeat`` runs after warm-up.
 """
 
 from __future__ import annotations
@@ -62,16 +63,30 @@ def matmul_peak(n: int = 1024, repeat: int = 7, threads: int | None = None) -> d
 
 
 def velocity_flops_per_eval(cfg: V2FlowConfig) -> float:
-    """Matmul FLOPs of one velocity evaluation per token row, as the fused ODE graph runs it (the
-    condition embedding is hoisted out of the step loop and the time embeddings are constants)."""
+    """Matmul FLOPs of one velocity evaluation per token row (the condition embedding, run once per solve, and
+    the time embeddings, constants, excluded)."""
+    return modulation_flops(cfg) + velocity_body_flops(cfg)
+
+
+def modulation_flops(cfg: V2FlowConfig) -> float:
+    """The adaLN modulation layers' share of ``velocity_flops_per_eval``: a fused ODE graph runs them once
+    per distinct σ its solver evaluates (Heun evaluates each σ but the first and last twice)."""
+    w, d = cfg.flow_width, cfg.flow_depth
+    return 2.0 * (d * 3 * w * w + 2 * w * w)
+
+
+def velocity_body_flops(cfg: V2FlowConfig) -> float:
+    """The rest of the velocity net per evaluation and row: input projection, MLPs, output layer."""
     w, c, d = cfg.flow_width, cfg.token_dim, cfg.flow_depth
-    per_block = 3 * w * w + 2 * w * w                      # adaLN modulation + MLP
-    return 2.0 * (c * w + d * per_block + 2 * w * w + w * c)
+    return 2.0 * (c * w + d * 2 * w * w + w * c)
 
 
 def ode_flops(cfg: V2FlowConfig, rows: int, steps: int, solver: str, guided: bool = False) -> float:
-    evals = evaluations(solver, steps) * (2 if guided else 1)
-    return rows * (evals * velocity_flops_per_eval(cfg) + 2.0 * cfg.decoder_dim * cfg.flow_width * (2 if guided else 1))
+    """One fused ODE solve of ``rows`` tokens: the modulations once per σ of the grid (``steps`` of them: the
+    final σ = 0 is never evaluated), the body once per evaluation, the condition embedding once."""
+    g = 2 if guided else 1
+    return rows * g * (steps * modulation_flops(cfg) + evaluations(solver, steps) * velocity_body_flops(cfg)
+                       + 2.0 * cfg.decoder_dim * cfg.flow_width)
 
 
 def mar_step_flops(cfg: V2FlowConfig, batch: int, known: int) -> float:
@@ -79,9 +94,22 @@ def mar_step_flops(cfg: V2FlowConfig, batch: int, known: int) -> float:
     n = cfg.num_tokens
     def blocks(depth: int, dim: int, seq: int) -> float:
         return depth * (2.0 * seq * 12 * dim * dim + 4.0 * seq * seq * dim)
-    enc = blocks(cfg.encoder_depth, cfg.encoder_dim, n + known) + 2.0 * (n + n) * cfg.token_dim * cfg.encoder_dim
+    enc = blocks(cfg.encoder_depth, cfg.encoder_dim, n + known) + 2.0 * n * cfg.token_dim * cfg.encoder_dim
     dec = blocks(cfg.decoder_depth, cfg.decoder_dim, 2 * n) + 2.0 * (n + known) * cfg.encoder_dim * cfg.decoder_dim
     return batch * (enc + dec)
+
+
+def detokenize_flops(cfg: V2FlowConfig, batch: int, settings: SamplerSettings) -> float:
+    """Matmul FLOPs of one whole decode of ``batch`` images: each masked-AR iteration's masked transformer
+    (twice with ``mar`` guidance) and the ODE solve of the tokens it predicts, as the one-call graph runs them.
+    Divided by a matmul peak it is the least time any engine can take for the decode."""
+    total, known = 0.0, 0
+    passes = 2 if settings.guided and settings.cfg_mode == "mar" else 1
+    for m in tokens_per_iteration(cfg.num_tokens, settings.num_iter):
+        total += passes * mar_step_flops(cfg, batch, known)
+        total += ode_flops(cfg, batch * m, settings.steps, settings.solver, settings.guided)
+        known += m
+    return total
 
 
 def _pipelines(model: str, export_dir: str | None, precisions: list[str], torch_modes: list[str],
@@ -171,8 +199,13 @@ def run_bench(model: str = "default", export_dir: str | None = None, precisions:
     flops = {"ode_per_call": ode_flops(cfg, rows, settings.steps, settings.solver),
              "ode_rows256": ode_flops(cfg, 256, settings.steps, settings.solver),
              "velocity_rows256": 256 * velocity_flops_per_eval(cfg),
-             "mar_step": mar_step_flops(cfg, batch, cfg.num_tokens // 2)}
+             "mar_step": mar_step_flops(cfg, batch, cfg.num_tokens // 2),
+             "detokenize": detokenize_flops(cfg, batch, settings)}
+    # the decode's matmuls at this machine's ORT MatMul rate: no engine running them can be faster
+    floor_ms = flops["detokenize"] / peak["ort_gflops"] / 1e6
     for r in results.values():
+        r["detokenize_gflops"] = flops["detokenize"] / r["detokenize"]["median_ms"] / 1e6
+        r["detokenize_ort_peak_fraction"] = floor_ms / r["detokenize"]["median_ms"]
         st = r["stages"]
         if "ode_rows256" in st:
             gflops = flops["ode_rows256"] / st["ode_rows256"]["median_ms"] / 1e6
@@ -183,7 +216,7 @@ def run_bench(model: str = "default", export_dir: str | None = None, precisions:
         "sampler": settings.__dict__, "tokens_per_iteration": tokens_per_iteration(cfg.num_tokens, settings.num_iter),
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
                     "load": meter.stop()},
-        "matmul_peak": peak, "flops": flops, "baseline": first, "results": results,
+        "matmul_peak": peak, "flops": flops, "detokenize_floor_ms": floor_ms, "baseline": first, "results": results,
     }
 
 

@@ -121,6 +121,8 @@ def _cmd_bench(a: argparse.Namespace) -> int:
     for name, r in report["results"].items():
         print(f"{name:>16}: detokenize {r['detokenize']['median_ms']:8.1f} ms ({r['detokenize_speedup']:.2f}x)  "
               f"tokenize {r['tokenize']['median_ms']:7.2f} ms ({r['tokenize_speedup']:.2f}x)")
+    print(f"a decode is {report['flops']['detokenize'] / 1e9:.2f} GFLOP of matmuls: at ONNX Runtime's fp32 MatMul rate "
+          f"here ({report['matmul_peak']['ort_gflops']:.0f} GFLOP/s) at least {report['detokenize_floor_ms']:.1f} ms")
     return 0
 
 
