@@ -16,8 +16,10 @@ The fused ODE graphs call the very solver functions of ``sampling.solvers`` on t
 solver math exists once. What does not change between steps is hoisted: ``cond_embed(z)`` runs once per
 call, the K time embeddings are computed at construction and stored as constants, and the adaLN
 modulations of every step (they depend on the condition and σ, not on the state) are computed at the start
-of a call, one matmul per layer over all (step, token) pairs: those layers hold about 60 % of the velocity
-net's weights, and with a few tokens per step a per-step matmul costs what reading its weights costs.
+of a call, one matmul per layer over all (step, token) pairs (those layers are about 60 % of the velocity
+net's FLOPs; one large matmul instead of one small one per step saves PyTorch eager a fifth of a decode and
+ONNX Runtime a few per cent). The price is memory: (3·depth + 2)·width floats per token row and σ, e.g. the
+official geometry's 20 steps at 256 rows hold 0.8 GB.
 """
 
 from __future__ import annotations
