@@ -191,18 +191,29 @@ def test_eval_refuses_bad_image_sources_clearly(model_dir, tmp_path, capsys) -> 
 
 
 def test_bundled_default_beats_the_grid_baseline_on_held_out_photos() -> None:
-    """The bundled model beats the token grid by the 2 dB the reference-model issue asks for, on photos
-    it never saw.
+    """The bundled model beats the token grid by the 2.5 dB issue 15 asks for, on photos it never saw.
 
-    Full `v2flow-rt eval` protocol (16 crops, the model's default sampler), seed 3: measured 24.18 dB
-    against 21.60 dB (+2.58; seeds 0-3: +2.58 to +2.61), so the bound leaves room for other BLAS builds.
+    Full `v2flow-rt eval` protocol (16 crops, the model's default sampler), seed 3: measured 25.14 dB
+    against 21.60 dB (+3.54; seeds 0-3: +3.50 to +3.54), so the bound leaves room for other BLAS builds.
     """
     from v2flow_rt.evaluate import evaluate
 
     report = evaluate("default", seed=3)
     assert report["held_out"] is True and report["images"] == 16
-    assert report["sampler"]["temperature"] == 0.0           # the bundled config's default, see its README
-    assert report["psnr_gain_db"] >= 2.0, report
+    assert report["sampler"]["temperature"] == 0.5           # the bundled config's default, see its README
+    assert report["psnr_gain_db"] >= 3.0, report
+
+
+def test_bundled_default_holds_up_under_every_colour_change() -> None:
+    """Issue 15's colour targets on the held-out photos: worst variant >= +1.5 dB over its grid baseline, mean
+    >= +2.5 dB. Measured (seed 0): worst +2.38 dB (hue +270), mean +2.94 dB; the model before colour
+    augmentation gave -4.35 and -1.01 and fails this test."""
+    from v2flow_rt.evaluate import evaluate_colour
+
+    report = evaluate_colour("default")
+    assert report["held_out"] is True and len(report["variants"]) == 9
+    assert report["meets_targets"] is True, report
+    assert report["worst"]["psnr_gain_db"] >= 2.0 and report["mean_psnr_gain_db"] >= 2.6, report
 
 
 def test_recolour_agrees_with_colorsys_and_keeps_grays() -> None:
