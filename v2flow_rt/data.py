@@ -91,7 +91,7 @@ def _photo_path(package: str, file: str) -> str:
         # The folder sklearn.datasets.load_sample_images() reads. Importing sklearn.datasets costs
         # ~2 s (it pulls in scipy), so find the folder from the package's location instead.
         return os.path.join(next(iter(spec.submodule_search_locations)), "datasets", "images", file)
-    if package == "pywt":   # its data folder, found without importing pywt (which imports scipy parts)
+    if package == "pywt":   # its data folder, found without importing pywt
         return os.path.join(next(iter(spec.submodule_search_locations)), "data", file)
     import matplotlib.cbook  # package == "matplotlib"
 
