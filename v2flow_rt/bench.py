@@ -63,30 +63,18 @@ def matmul_peak(n: int = 1024, repeat: int = 7, threads: int | None = None) -> d
 
 
 def velocity_flops_per_eval(cfg: V2FlowConfig) -> float:
-    """Matmul FLOPs of one velocity evaluation per token row (the condition embedding, run once per solve, and
-    the time embeddings, constants, excluded)."""
-    return modulation_flops(cfg) + velocity_body_flops(cfg)
-
-
-def modulation_flops(cfg: V2FlowConfig) -> float:
-    """The adaLN modulation layers' share of ``velocity_flops_per_eval``: a fused ODE graph runs them once
-    per distinct σ its solver evaluates (Heun evaluates each σ but the first and last twice)."""
-    w, d = cfg.flow_width, cfg.flow_depth
-    return 2.0 * (d * 3 * w * w + 2 * w * w)
-
-
-def velocity_body_flops(cfg: V2FlowConfig) -> float:
-    """The rest of the velocity net per evaluation and row: input projection, MLPs, output layer."""
+    """Matmul FLOPs of one velocity evaluation per token row, as the fused ODE graph runs it (the
+    condition embedding is hoisted out of the step loop and the time embeddings are constants)."""
     w, c, d = cfg.flow_width, cfg.token_dim, cfg.flow_depth
-    return 2.0 * (c * w + d * 2 * w * w + w * c)
+    per_block = 3 * w * w + 2 * w * w                      # adaLN modulation + MLP
+    return 2.0 * (c * w + d * per_block + 2 * w * w + w * c)
 
 
 def ode_flops(cfg: V2FlowConfig, rows: int, steps: int, solver: str, guided: bool = False) -> float:
-    """One fused ODE solve of ``rows`` tokens: the modulations once per σ of the grid (``steps`` of them: the
-    final σ = 0 is never evaluated), the body once per evaluation, the condition embedding once."""
-    g = 2 if guided else 1
-    return rows * g * (steps * modulation_flops(cfg) + evaluations(solver, steps) * velocity_body_flops(cfg)
-                       + 2.0 * cfg.decoder_dim * cfg.flow_width)
+    """One fused ODE solve of ``rows`` tokens: every evaluation of the velocity net, and the condition
+    embedding once."""
+    evals = evaluations(solver, steps) * (2 if guided else 1)
+    return rows * (evals * velocity_flops_per_eval(cfg) + 2.0 * cfg.decoder_dim * cfg.flow_width * (2 if guided else 1))
 
 
 def mar_step_flops(cfg: V2FlowConfig, batch: int, known: int) -> float:

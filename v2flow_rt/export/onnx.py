@@ -26,6 +26,8 @@ from ..stages import StageSpec
 from .large import fold_constant_transposes
 from .precision import EXTERNAL_DATA_BYTES, graph_files
 
+FOLD_INLINE_MAX_BYTES = 256 << 20    # inline graphs up to this size get their weight Transposes folded
+
 
 def state_sha256(model: torch.nn.Module) -> str:
     """sha256 over a state dict (sorted keys, dtypes, shapes, bytes): the identity of an in-memory model."""
@@ -89,8 +91,14 @@ def export_graph(module: torch.nn.Module, spec: StageSpec, path: Path, opset: in
                   if v.const_value is not None)
     for old in graph_files(path):
         old.unlink(missing_ok=True)
-    program.save(str(path), external_data=weights > EXTERNAL_DATA_BYTES)
-    fold_constant_transposes(path)
+    external = weights > EXTERNAL_DATA_BYTES
+    program.save(str(path), external_data=external)
+    # Folding streams external data, but loads an inline graph whole (beside the model being exported):
+    # at full size the 1.4 GB one-call detokenize took the export past 24 GB, and copies of weights that
+    # other nodes still read can push an inline graph past protobuf's 2 GB. Such graphs keep their
+    # Transposes (ONNX Runtime folds them at load; their int8 variant keeps those MatMuls fp32).
+    if external or path.stat().st_size <= FOLD_INLINE_MAX_BYTES:
+        fold_constant_transposes(path)
     check_graph(path, spec)
     return graph_files(path)
 

@@ -14,12 +14,7 @@ graph's weight size) and computes what the reference computes, in the same order
 
 The fused ODE graphs call the very solver functions of ``sampling.solvers`` on torch tensors, so the
 solver math exists once. What does not change between steps is hoisted: ``cond_embed(z)`` runs once per
-call, the K time embeddings are computed at construction and stored as constants, and the adaLN
-modulations of every step (they depend on the condition and σ, not on the state) are computed at the start
-of a call, one matmul per layer over all (step, token) pairs (those layers are about 60 % of the velocity
-net's FLOPs; one large matmul instead of one small one per step saves PyTorch eager a fifth of a decode and
-ONNX Runtime a few per cent). The price is memory: (3·depth + 2)·width floats per token row and σ, e.g. the
-official geometry's 20 steps at 256 rows hold 0.8 GB.
+call and the K time embeddings are computed at construction and stored as constants.
 """
 
 from __future__ import annotations
@@ -135,35 +130,23 @@ class _FusedOde(nn.Module):
         sigmas = sigma_grid(steps, shift)
         # The host loop feeds t = float32(σ·1000) per row (sampling.loop.guided_velocity); the same float32
         # value here gives the same embedding, bit for bit, as the reference velocity call.
+        t = torch.tensor([float(s) * 1000.0 for s in sigmas], dtype=torch.float32)
+        with torch.no_grad():
+            emb = self.net.time_embed(t)                                      # (K+1, W)
+        self.register_buffer("time_emb", emb.detach().clone())
+        self._index = {float(s): i for i, s in enumerate(sigmas)}
         # Plain Python floats: no numpy inside forward, so torch.compile traces the loop cleanly.
         self._sigmas = tuple(float(s) for s in sigmas)
-        # The σ the solver evaluates the net at, in order of first use (a dry run: the solvers' σ sequence
-        # does not depend on the state).
-        evaluated: dict[float, int] = {}
 
-        def record(x: float, sigma: float) -> float:
-            evaluated.setdefault(sigma, len(evaluated))
-            return 0.0
-
-        SOLVER_FUNCS[solver](record, 0.0, self._sigmas)
-        self._index = evaluated
-        # The host loop feeds t = float32(σ·1000) per row (sampling.loop.guided_velocity); the same float32
-        # value here gives the same embedding, bit for bit, as the reference velocity call.
-        t = torch.tensor([s * 1000.0 for s in evaluated], dtype=torch.float32)
-        with torch.no_grad():
-            emb = self.net.time_embed(t)                                      # (E, W)
-        self.register_buffer("time_emb", emb.detach().clone())
-
-    def _modulations(self, c_emb: torch.Tensor) -> list[torch.Tensor]:
-        """Every evaluated step's adaLN modulations for conditions c_emb [M, W] → per layer [E, M, ·]."""
-        return self.net.modulations(c_emb[None] + self.time_emb[:, None])     # y: (E, M, W)
-
-    def _velocity(self, x: torch.Tensor, mods: list[torch.Tensor], sigma: float) -> torch.Tensor:
-        """The velocity net at σ for the state x [M, C], given ``_modulations``' output."""
+    def _t_emb(self, sigma: float) -> torch.Tensor:
         i = self._index.get(sigma)
-        if i is None:  # the dry run saw every σ the solver uses; anything else is a solver change
-            raise ExportError(f"solver {self.solver!r} evaluated σ={sigma}, which its dry run did not")
-        return self.net.from_modulations(x, [m[i] for m in mods])
+        if i is None:  # the solvers only evaluate at grid points; anything else is a solver change
+            raise ExportError(f"solver {self.solver!r} evaluated σ={sigma}, which is not on the {self.steps}-step grid")
+        return self.time_emb[i: i + 1]                                        # (1, W)
+
+    def _velocity(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The body of ``SimpleMLPAdaLN.forward`` after the condition y is formed."""
+        return self.net.from_condition(x, y)
 
     def _solve(self, f: Callable[[torch.Tensor, float], torch.Tensor], noise: torch.Tensor) -> torch.Tensor:
         # Same solver function as ``sampling.integrate(solver, f, x, steps, shift)``, on the same grid.
@@ -174,10 +157,10 @@ class Ode(_FusedOde):
     """noise [M, C], z [M, Dz] → x0 [M, C]: every solver step in one graph."""
 
     def forward(self, noise: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        mods = self._modulations(self.net.cond_embed(z))                      # once per call
+        c_emb = self.net.cond_embed(z)                                        # (M, W), once per call
 
         def f(x: torch.Tensor, sigma: float) -> torch.Tensor:
-            return self._velocity(x, mods, sigma)
+            return self._velocity(x, c_emb + self._t_emb(sigma))
 
         return self._solve(f, noise)
 
@@ -192,10 +175,10 @@ class OdeCfg(_FusedOde):
     def forward(self, noise: torch.Tensor, z: torch.Tensor, z_uncond: torch.Tensor,
                 cfg_scale: torch.Tensor) -> torch.Tensor:
         m = noise.shape[0]
-        mods = self._modulations(self.net.cond_embed(torch.cat([z, z_uncond], dim=0)))   # (2M rows), once
+        c_emb = self.net.cond_embed(torch.cat([z, z_uncond], dim=0))          # (2M, W), once per call
 
         def f(x: torch.Tensor, sigma: float) -> torch.Tensor:
-            v = self._velocity(torch.cat([x, x], dim=0), mods, sigma)         # (2M, C)
+            v = self._velocity(torch.cat([x, x], dim=0), c_emb + self._t_emb(sigma))   # (2M, C)
             v_c, v_u = v[:m], v[m:]
             return v_u + cfg_scale * (v_c - v_u)
 

@@ -92,11 +92,7 @@ class ResBlock(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 3 * width))
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return self.modulated(x, self.adaLN_modulation(y))
-
-    def modulated(self, x: torch.Tensor, mod: torch.Tensor) -> torch.Tensor:
-        """The block given its modulation ``adaLN_modulation(y)`` [M, 3W] (shift ‖ scale ‖ gate)."""
-        shift, scale, gate = mod.chunk(3, dim=-1)
+        shift, scale, gate = self.adaLN_modulation(y).chunk(3, dim=-1)
         return x + gate * self.mlp(modulate(self.in_ln(x), shift, scale))
 
 
@@ -108,11 +104,7 @@ class FinalLayer(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return self.modulated(x, self.adaLN_modulation(y))
-
-    def modulated(self, x: torch.Tensor, mod: torch.Tensor) -> torch.Tensor:
-        """The layer given its modulation ``adaLN_modulation(y)`` [M, 2W] (shift ‖ scale)."""
-        shift, scale = mod.chunk(2, dim=-1)
+        shift, scale = self.adaLN_modulation(y).chunk(2, dim=-1)
         return self.linear(modulate(self.norm_final(x), shift, scale))
 
 
@@ -151,22 +143,12 @@ class SimpleMLPAdaLN(nn.Module):
         return self.from_condition(x, self.condition(t, c))
 
     def from_condition(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """x [M, C], the modulation y [M, W] (``condition``) → v [M, C]."""
-        return self.from_modulations(x, self.modulations(y))
-
-    def modulations(self, y: torch.Tensor) -> list[torch.Tensor]:
-        """y [..., W] → each res block's adaLN modulation [..., 3W], then the final layer's [..., 2W].
-
-        They depend on y alone, not on the state x: the fused ODE graphs compute every step's at once.
-        """
-        return [block.adaLN_modulation(y) for block in self.res_blocks] + [self.final_layer.adaLN_modulation(y)]
-
-    def from_modulations(self, x: torch.Tensor, mods: list[torch.Tensor]) -> torch.Tensor:
-        """x [M, C] and ``modulations(y)`` (each [M, ·]) → v [M, C]: the rest of the net."""
+        """x [M, C], the modulation y [M, W] (``condition``) → v [M, C]: the body the fused ODE graphs call
+        with a precomputed time embedding."""
         h = self.input_proj(x)
-        for block, mod in zip(self.res_blocks, mods):
-            h = block.modulated(h, mod)
-        return self.final_layer.modulated(h, mods[-1])
+        for block in self.res_blocks:
+            h = block(h, y)
+        return self.final_layer(h, y)
 
 
 class FlowLoss(nn.Module):
