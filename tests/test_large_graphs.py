@@ -148,3 +148,23 @@ def test_weight_transposes_are_folded_into_the_weights(tmp_path: Path, external:
     quantize_int8(path, tmp_path / "int8.onnx", "dynamic")
     ops = [n.op_type for n in onnx.load(str(tmp_path / "int8.onnx"), load_external_data=False).graph.node]
     assert ops.count("MatMulInteger") == 4 and "MatMul" not in ops, ops
+
+
+def test_a_fold_that_fails_leaves_the_graph_and_its_data_as_they_were(tmp_path: Path, monkeypatch) -> None:
+    from v2flow_rt.export import large
+
+    path = _transposed_weight_graph(tmp_path / "t.onnx", external=True)
+    x = np.random.default_rng(5).standard_normal((3, 64)).astype(np.float32)
+    before = ort_session(path).run(None, {"x": x})
+    files = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+
+    def broken(a: np.ndarray):
+        yield b"\0" * 16
+        raise OSError("disk full")
+
+    monkeypatch.setattr(large, "_transposed_rows", broken)
+    with pytest.raises(OSError, match="disk full"):
+        large.fold_constant_transposes(path)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == files      # same files, same bytes
+    for a, b in zip(ort_session(path).run(None, {"x": x}), before):
+        np.testing.assert_array_equal(a, b)

@@ -252,11 +252,12 @@ def fold_constant_transposes(path: Path) -> int:
             _save(model, path, data)
         else:
             onnx.save_model(model, str(path))
-    except BaseException:
-        if data is not None:             # put the old data back: the graph file is unchanged until _save
+    except BaseException:               # put the old data back: the graph file is unchanged until _save
+        if data is not None:
             data.f.close()
             data.path.unlink(missing_ok=True)
-            for location in locations:
+        for location in locations:
+            if (staged / location).exists():
                 os.replace(staged / location, path.parent / location)
         raise
     finally:
