@@ -53,7 +53,8 @@ def main() -> None:
     head = build_aux_head(cfg, s)
     assert head is not None
     head.load_state_dict(state["aux_head"])
-    model.eval(), head.eval()
+    model.eval()
+    head.eval()
     codec = build_codec(cfg)
     plain = from_model_range(eval_crops(list(HELDOUT_PHOTOS), cfg.img_size, 8, 0.5))        # (16, H, W, 3)
     gains = {}

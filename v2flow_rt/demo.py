@@ -69,7 +69,7 @@ def run_demo(out: str | Path, model: str = "default", precisions: tuple[str, ...
     pipe = V2FlowPipeline.from_pretrained(export_dir, backend="ort", precision=precision, threads=threads)
     cfg = pipe.config
     crops, _ = fitting_crops([load_photo(n) for n in HELDOUT_PHOTOS], cfg.img_size, per_image=8)
-    recon = pipe.detokenize(pipe.tokenize(crops, one_call=one_call), seed=0, steps=steps, one_call=one_call)
+    recon = pipe.reconstruct(crops, one_call=one_call, seed=0, steps=steps)
     ref = from_model_range(crops)
     base = from_model_range(grid_baseline(crops, cfg.grid_size))
     rows = [list(part[i:i + 8]) for i in range(0, min(len(ref), 16), 8) for part in (ref, base, recon)]

@@ -269,6 +269,8 @@ class V2FlowPipeline:
             feeds["cfg_scale"] = np.array([settings.cfg_scale], dtype=np.float32)
         return feeds
 
-    def reconstruct(self, images: ImageInput | Sequence[ImageInput], **sampling: Any) -> np.ndarray:
-        """Images → tokens → images (uint8 [B, S, S, 3]); ``sampling`` as for ``detokenize``."""
-        return self.detokenize(self.tokenize(images), **sampling)
+    def reconstruct(self, images: ImageInput | Sequence[ImageInput], one_call: bool | None = None,
+                    **sampling: Any) -> np.ndarray:
+        """Images → tokens → images (uint8 [B, S, S, 3]); ``one_call`` for both halves and ``sampling`` as for
+        ``tokenize`` and ``detokenize``."""
+        return self.detokenize(self.tokenize(images, one_call=one_call), one_call=one_call, **sampling)
