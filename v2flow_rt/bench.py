@@ -77,13 +77,22 @@ def ode_flops(cfg: V2FlowConfig, rows: int, steps: int, solver: str, guided: boo
     return rows * (evals * velocity_flops_per_eval(cfg) + 2.0 * cfg.decoder_dim * cfg.flow_width * (2 if guided else 1))
 
 
-def mar_step_flops(cfg: V2FlowConfig, batch: int, known: int) -> float:
-    """Matmul FLOPs of one masked-transformer call with ``known`` known tokens (attention included)."""
-    n = cfg.num_tokens
-    def blocks(depth: int, dim: int, seq: int) -> float:
-        return depth * (2.0 * seq * 12 * dim * dim + 4.0 * seq * seq * dim)
-    enc = blocks(cfg.encoder_depth, cfg.encoder_dim, n + known) + 2.0 * n * cfg.token_dim * cfg.encoder_dim
-    dec = blocks(cfg.decoder_depth, cfg.decoder_dim, 2 * n) + 2.0 * (n + known) * cfg.encoder_dim * cfg.decoder_dim
+def mar_step_flops(cfg: V2FlowConfig, batch: int, known: int, predicted: int | None = None) -> float:
+    """Matmul FLOPs of one masked-transformer call with ``known`` known tokens (attention included).
+
+    ``predicted`` = M: the one-call graph's call, whose last decoder block computes attention outputs,
+    projection and MLP only at the M rows the iteration predicts."""
+    n, buf = cfg.num_tokens, cfg.buffer_size
+
+    def block(dim: int, seq: int, rows: int) -> float:       # qkv on every row; the rest on ``rows``
+        hidden = int(dim * cfg.mlp_ratio)
+        return 2.0 * seq * 3 * dim * dim + 4.0 * rows * seq * dim + 2.0 * rows * (dim * dim + 2 * dim * hidden)
+
+    enc_seq, dec_seq = buf + known, buf + n
+    enc = cfg.encoder_depth * block(cfg.encoder_dim, enc_seq, enc_seq) + 2.0 * n * cfg.token_dim * cfg.encoder_dim
+    dec = ((cfg.decoder_depth - 1) * block(cfg.decoder_dim, dec_seq, dec_seq)
+           + block(cfg.decoder_dim, dec_seq, dec_seq if predicted is None else predicted)
+           + 2.0 * enc_seq * cfg.encoder_dim * cfg.decoder_dim)
     return batch * (enc + dec)
 
 
@@ -94,7 +103,7 @@ def detokenize_flops(cfg: V2FlowConfig, batch: int, settings: SamplerSettings) -
     total, known = 0.0, 0
     passes = 2 if settings.guided and settings.cfg_mode == "mar" else 1
     for m in tokens_per_iteration(cfg.num_tokens, settings.num_iter):
-        total += passes * mar_step_flops(cfg, batch, known)
+        total += passes * mar_step_flops(cfg, batch, known, predicted=m)
         total += ode_flops(cfg, batch * m, settings.steps, settings.solver, settings.guided)
         known += m
     return total

@@ -175,17 +175,29 @@ class V2Flow(nn.Module):
             x = block(x)
         return self.encoder_norm(x)
 
-    def forward_mae_decoder(self, x: torch.Tensor, keep_idx: torch.Tensor) -> torch.Tensor:
-        """encoded [B, N+K, D], keep_idx → per-token condition z [B, L, Dz]."""
+    def forward_mae_decoder(self, x: torch.Tensor, keep_idx: torch.Tensor,
+                            positions: torch.Tensor | None = None) -> torch.Tensor:
+        """encoded [B, N+K, D], keep_idx → per-token condition z [B, L, Dz].
+
+        ``positions`` [B, M] int64 (token positions in [0, L)): z at those positions only [B, M, Dz], equal
+        to the full output gathered there; the last block computes only their rows (queries, MLP), which
+        is what sampling needs: one iteration predicts M of the L tokens.
+        """
         cfg = self.config
         x = self.decoder_embed(x)                                            # (B, N+K, Dz)
         full = self.mask_token.expand(x.shape[0], cfg.buffer_size + cfg.num_tokens, -1)
         full = full.scatter(1, keep_idx[..., None].expand(-1, -1, x.shape[-1]), x)    # (B, N+L, Dz)
         x = full + self.decoder_pos_embed_learned
-        for block in self.decoder_blocks:
+        if positions is None:
+            for block in self.decoder_blocks:
+                x = block(x)
+            x = self.decoder_norm(x)[:, cfg.buffer_size:]                    # (B, L, Dz)
+            return x + self.diffusion_pos_embed_learned
+        for block in self.decoder_blocks[:-1]:
             x = block(x)
-        x = self.decoder_norm(x)[:, cfg.buffer_size:]                        # (B, L, Dz)
-        return x + self.diffusion_pos_embed_learned
+        x = self.decoder_blocks[-1](x, positions + cfg.buffer_size)          # (B, M, Dz)
+        pos = self.diffusion_pos_embed_learned.expand(x.shape[0], -1, -1)
+        return self.decoder_norm(x) + torch.gather(pos, 1, positions[..., None].expand(-1, -1, x.shape[-1]))
 
     def mar_step(self, tokens: torch.Tensor, mask: torch.Tensor, buffer: torch.Tensor) -> torch.Tensor:
         """tokens [B, L, C], mask [B, L] (True = unknown), buffer [B, N, D] → z [B, L, Dz]."""

@@ -13,6 +13,8 @@ unrolled at their static token counts and each iteration's ODE is the fused solv
 - iteration k keeps ``order[:, :mask_len_k]`` masked and predicts ``order[:, mask_len_k:mask_len_{k-1}]``
   (the tail of the order first); the encoder sees the buffer and the known tokens in increasing position
   order, as ``stages.keep_indices`` gives them to the stage graphs;
+- the masked transformer's last block runs only at the predicted positions (``forward_mae_decoder``'s
+  ``positions``): the loop computes z everywhere and uses those rows, the same values;
 - the predicted tokens start from ``noise`` at their positions times the temperature;
 - guidance as the loop does it: ``fake_latent`` as the unconditional ``c`` (official) or a second masked
   transformer pass on the ``fake_latent`` buffer (mar).
@@ -84,18 +86,16 @@ class Detokenize(nn.Module):
                 keep = torch.cat([head, known + n], dim=1)
             else:
                 keep = head
-            z = self.mar(tokens, buffer, keep)                                          # (B, N, Dz)
             pred = orders[:, next_len:prev]                                             # (B, M)
             m = prev - next_len
-            z_pred = torch.gather(z, 1, pred[..., None].expand(-1, -1, z.shape[-1])).reshape(b * m, -1)
+            z_pred = self.mar(tokens, buffer, keep, pred).reshape(b * m, -1)            # (B·M, Dz)
             x = torch.gather(noise, 1, pred[..., None].expand(-1, -1, c)).reshape(b * m, c)
             x = x * self.settings.temperature
             if self.guided:
                 assert cfg_scale is not None        # the guided graph's spec makes it an input
                 scale = 1.0 + (cfg_scale - 1.0) * weight
                 if self.settings.cfg_mode == "mar":
-                    z_u = self.mar(tokens, fake_buffer, keep)
-                    z_u = torch.gather(z_u, 1, pred[..., None].expand(-1, -1, z.shape[-1])).reshape(b * m, -1)
+                    z_u = self.mar(tokens, fake_buffer, keep, pred).reshape(b * m, -1)
                 else:
                     z_u = self.fake_latent.expand(b * m, -1)
                 x0 = self.ode(x, z_pred, z_u, scale)                                    # (B·M, C)

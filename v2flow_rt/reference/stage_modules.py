@@ -1,7 +1,7 @@
 """One ``torch.nn.Module`` per exported stage, with exactly the I/O names and order of ``stages.stage_specs``.
 
-Each wrapper holds only the parts of the reference model its stage needs (so its parameter count is the
-graph's weight size) and computes what the reference computes, in the same order of operations:
+Each wrapper holds only the parts of the reference model its stage needs and computes what the reference
+computes, in the same order of operations except where noted below:
 
 | module | reference it mirrors |
 |---|---|
@@ -14,7 +14,9 @@ graph's weight size) and computes what the reference computes, in the same order
 
 The fused ODE graphs call the very solver functions of ``sampling.solvers`` on torch tensors, so the
 solver math exists once. What does not change between steps is hoisted: ``cond_embed(z)`` runs once per
-call and the K time embeddings are computed at construction and stored as constants.
+call and the K time embeddings are computed at construction and stored as constants. Each evaluation
+computes all of the velocity net's adaLN modulations in one matmul (``SimpleMLPAdaLN.stacked_modulation``,
+stacked at construction); the values are the reference's up to float rounding.
 """
 
 from __future__ import annotations
@@ -102,9 +104,11 @@ class MarStep(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, tokens: torch.Tensor, buffer: torch.Tensor, keep_idx: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, buffer: torch.Tensor, keep_idx: torch.Tensor,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
+        """``positions`` [B, M]: z at those token positions only [B, M, Dz] (the one-call graph's use)."""
         x = self.model.forward_mae_encoder(tokens, buffer, keep_idx)          # (B, N+K, D)
-        return self.model.forward_mae_decoder(x, keep_idx)                    # (B, L, Dz)
+        return self.model.forward_mae_decoder(x, keep_idx, positions)         # (B, L|M, Dz)
 
 
 class Velocity(nn.Module):
@@ -134,6 +138,10 @@ class _FusedOde(nn.Module):
         with torch.no_grad():
             emb = self.net.time_embed(t)                                      # (K+1, W)
         self.register_buffer("time_emb", emb.detach().clone())
+        with torch.no_grad():
+            mod_weight, mod_bias = self.net.stacked_modulation()
+        self.register_buffer("mod_weight", mod_weight.detach().clone())     # [(3·depth + 2)·W, W]
+        self.register_buffer("mod_bias", mod_bias.detach().clone())
         self._index = {float(s): i for i, s in enumerate(sigmas)}
         # Plain Python floats: no numpy inside forward, so torch.compile traces the loop cleanly.
         self._sigmas = tuple(float(s) for s in sigmas)
@@ -145,8 +153,8 @@ class _FusedOde(nn.Module):
         return self.time_emb[i: i + 1]                                        # (1, W)
 
     def _velocity(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """The body of ``SimpleMLPAdaLN.forward`` after the condition y is formed."""
-        return self.net.from_condition(x, y)
+        """The body of ``SimpleMLPAdaLN.forward`` after the condition y is formed, modulations stacked."""
+        return self.net.from_modulation(x, F.linear(F.silu(y), self.mod_weight, self.mod_bias))
 
     def _solve(self, f: Callable[[torch.Tensor, float], torch.Tensor], noise: torch.Tensor) -> torch.Tensor:
         # Same solver function as ``sampling.integrate(solver, f, x, steps, shift)``, on the same grid.
