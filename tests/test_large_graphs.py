@@ -70,6 +70,30 @@ def test_streamed_int8_matches_quantize_dynamic_and_fp32(tmp_path: Path) -> None
     assert kept["quantized_nodes"] == ["MatMul_0"]
 
 
+def test_dynamic_int8_keeps_an_excluded_gemm_fp32(tmp_path: Path) -> None:
+    """The exclusion ladder names nodes as the fp32 graph has them; dynamic quantization renames every Gemm
+    before it reads the exclusions, so an excluded Gemm must still stay fp32 (it did not, silently)."""
+    rng = np.random.default_rng(3)
+    w1 = (rng.standard_normal((300, 64)) * 0.2).astype(np.float32)            # Gemm transB: [N, K]
+    w2 = (rng.standard_normal((300, 200)) * 0.1).astype(np.float32)
+    nodes = [helper.make_node("Gemm", ["x", "w1", "b1"], ["h"], transB=1), helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("MatMul", ["r", "w2"], ["y"])]
+    graph = helper.make_graph(nodes, "gemm", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["rows", 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["rows", 200])],
+                              [numpy_helper.from_array(a, n) for a, n in
+                               ((w1, "w1"), (rng.standard_normal(300).astype(np.float32), "b1"), (w2, "w2"))])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    _name_nodes(model)
+    onnx.save_model(model, str(tmp_path / "fp32.onnx"))
+    for exclude, quantized_weights in (([], {"w1", "w2"}), (["Gemm_0"], {"w2"}), (["MatMul_2"], {"w1"})):
+        quantize_int8(tmp_path / "fp32.onnx", tmp_path / "int8.onnx", "dynamic", exclude=exclude)
+        got = onnx.load(str(tmp_path / "int8.onnx")).graph
+        inits = {t.name for t in got.initializer}
+        assert {w for w in ("w1", "w2") if any(i.startswith(w) and i.endswith("_quantized") for i in inits)} \
+            == quantized_weights, exclude
+        assert sum(n.op_type == "MatMulInteger" for n in got.node) == len(quantized_weights), exclude
+
+
 def test_an_external_data_tokenizer_gets_streamed_int8(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """At a threshold of 1 MB the tiny tokenizer's readout goes to external data, as the official 4.1 GB one
     does: its int8 graph then comes from ``export.large`` and its id agreement is measured and recorded."""

@@ -332,8 +332,12 @@ def quantize_int8(src: Path, dst: Path, mode: str, feeds: Sequence[Feeds] = (),
         save_model(model, named)
         out = Path(tmp) / "quant.onnx"
         if mode == "dynamic":
+            # Dynamic quantization first rewrites each Gemm as MatMul "NAME_MatMul" (+ Add), then looks
+            # the exclusions up by name: a Gemm is excluded under its new name.
+            gemms = {n.name for n in model.graph.node if n.op_type == "Gemm"}
+            renamed = [f"{name}_MatMul" for name in exclude if name in gemms]
             quantize_dynamic(named, out, op_types_to_quantize=QUANT_OPS_DYNAMIC, per_channel=True,
-                             weight_type=QuantType.QInt8, nodes_to_exclude=list(exclude),
+                             weight_type=QuantType.QInt8, nodes_to_exclude=list(exclude) + renamed,
                              use_external_data_format=big, extra_options={"MatMulConstBOnly": True})
             how = "quantize_dynamic(per_channel=True, weight_type=QInt8, MatMul/Gemm with constant B)"
         elif mode == "qdq":
