@@ -180,8 +180,8 @@ class V2Flow(nn.Module):
         """encoded [B, N+K, D], keep_idx → per-token condition z [B, L, Dz].
 
         ``positions`` [B, M] int64 (token positions in [0, L)): z at those positions only [B, M, Dz], equal
-        to the full output gathered there; the last block computes only their rows (queries, MLP), which
-        is what sampling needs: one iteration predicts M of the L tokens.
+        to the full output gathered there; the last block computes attention outputs, projection and MLP
+        only at their rows, which is what sampling needs: one iteration predicts M of the L tokens.
         """
         cfg = self.config
         x = self.decoder_embed(x)                                            # (B, N+K, Dz)

@@ -59,7 +59,7 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         """x [B, T, C] → [B, T, C]; with ``rows`` [B, M] int64, the block's output at those rows only
-        [B, M, C]: what ``forward(x)`` gathers there, without computing the other rows' queries and MLP."""
+        [B, M, C]: what ``forward(x)`` gives there, without the other rows' attention outputs and MLP."""
         if rows is None:
             x = x + self.attn(self.norm1(x))
         else:
