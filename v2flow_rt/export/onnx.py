@@ -99,8 +99,66 @@ def export_graph(module: torch.nn.Module, spec: StageSpec, path: Path, opset: in
     # Transposes (ONNX Runtime folds them at load; their int8 variant keeps those MatMuls fp32).
     if external or path.stat().st_size <= FOLD_INLINE_MAX_BYTES:
         fold_constant_transposes(path)
+        reorder_gelus(path)
     check_graph(path, spec)
     return graph_files(path)
+
+
+def _scalar(inits: dict[str, onnx.TensorProto], name: str) -> float | None:
+    """The value of a one-element initializer stored in the graph file, else None."""
+    t = inits.get(name)
+    if t is None or int(np.prod(t.dims)) != 1 or t.data_location == onnx.TensorProto.EXTERNAL:
+        return None
+    return float(onnx.numpy_helper.to_array(t).reshape(()))
+
+
+def reorder_gelus(path: Path) -> int:
+    """Rewrite every exact GELU the exporter writes, ``x·(0.5·(1 + erf(x/√2)))``, as
+    ``(x·(1 + erf(x/√2)))·0.5``, in place; return how many.
+
+    The graph's value is the same bit for bit (a product by 0.5 is exact), and the second order is the one
+    ONNX Runtime's GELU fusion recognises: the masked transformer's MLPs then run one fused ``BiasGelu``
+    kernel instead of five elementwise ones (its own erf: float32 round-off apart; the int8 one-call decode
+    of the default model 3–5 % faster, measured). The weights are not read (``load_external_data=False``).
+    """
+    model = onnx.load(str(path), load_external_data=False)
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    producer = {out: n for n in graph.node for out in n.output}
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for n in graph.node:
+        for name in n.input:
+            readers.setdefault(name, []).append(n)
+
+    def made_by(name: str, op: str) -> onnx.NodeProto | None:
+        node = producer.get(name)
+        return node if node is not None and node.op_type == op else None
+
+    count = 0
+    for half_mul in graph.node:
+        if half_mul.op_type != "Mul" or len(half_mul.input) != 2:
+            continue
+        half = next((i for i in half_mul.input if _scalar(inits, i) == 0.5), None)
+        inner = next((i for i in half_mul.input if i != half), None)
+        add = made_by(inner, "Add") if half is not None and inner is not None else None
+        if add is None or len(readers.get(inner, [])) != 1 or not any(_scalar(inits, i) == 1.0 for i in add.input):
+            continue
+        erf = next((e for i in add.input if (e := made_by(i, "Erf")) is not None), None)
+        div = made_by(erf.input[0], "Div") if erf is not None else None
+        if div is None or abs((_scalar(inits, div.input[1]) or 0.0) - 2 ** 0.5) > 1e-6:
+            continue
+        x = div.input[0]
+        outer = readers.get(half_mul.output[0], [])
+        if len(outer) != 1 or outer[0].op_type != "Mul" or sorted(outer[0].input) != sorted([x, half_mul.output[0]]):
+            continue
+        del half_mul.input[:]
+        half_mul.input.extend([x, inner])                  # x·(1 + erf): x precedes the Div, so order holds
+        del outer[0].input[:]
+        outer[0].input.extend([half_mul.output[0], half])
+        count += 1
+    if count:
+        onnx.save_model(model, str(path))
+    return count
 
 
 def check_graph(path: Path, spec: StageSpec) -> None:
