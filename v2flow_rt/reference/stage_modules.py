@@ -137,9 +137,8 @@ class _FusedOde(nn.Module):
         t = torch.tensor([float(s) * 1000.0 for s in sigmas], dtype=torch.float32)
         with torch.no_grad():
             emb = self.net.time_embed(t)                                      # (K+1, W)
-        self.register_buffer("time_emb", emb.detach().clone())
-        with torch.no_grad():
             mod_weight, mod_bias = self.net.stacked_modulation()
+        self.register_buffer("time_emb", emb.detach().clone())
         self.register_buffer("mod_weight", mod_weight.detach().clone())     # [(3·depth + 2)·W, W]
         self.register_buffer("mod_bias", mod_bias.detach().clone())
         self._index = {float(s): i for i, s in enumerate(sigmas)}
