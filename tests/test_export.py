@@ -501,7 +501,7 @@ def test_large_graphs_use_external_data(small: dict[str, Any], tmp_path: Path, m
     import v2flow_rt.export.onnx as onnx_mod
     import v2flow_rt.export.precision as precision_mod
 
-    monkeypatch.setattr(onnx_mod, "EXTERNAL_DATA_BYTES", 1000)
+    monkeypatch.setattr(onnx_mod, "STREAMED_WEIGHT_BYTES", 1000)
     monkeypatch.setattr(precision_mod, "EXTERNAL_DATA_BYTES", 1000)
     folder = tmp_path / "export"
     m = export_model(small["ckpt"], folder, precisions=("fp32", "int8"), stages=["token_embed"], progress=False,
@@ -515,6 +515,43 @@ def test_large_graphs_use_external_data(small: dict[str, Any], tmp_path: Path, m
     data.write_bytes(data.read_bytes()[:-100])
     with pytest.raises(ArtifactError, match=r"token_embed\.fp32\.onnx\.data is corrupted or truncated"):
         Manifest.load(folder)
+
+
+def test_graphs_over_the_streaming_size_keep_external_data_and_still_convert(
+        small: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Over 256 MiB of weights (lowered here to 1 kB; at full size ``mar_step`` and the one-call
+    ``detokenize``) the fp32 graph keeps its weights in external data, so that the Transpose fold (the
+    weights the one call's unrolled iterations share) and the GELU reorder stream them; under ~1.8 GB the
+    precisions still load it whole: fp16 converts, dynamic int8 quantizes every weight matmul (Gemm
+    included), and both are written inline."""
+    import v2flow_rt.export.onnx as onnx_mod
+
+    monkeypatch.setattr(onnx_mod, "STREAMED_WEIGHT_BYTES", 1000)
+    folder = tmp_path / "export"
+    stages = ["codec_encode", "tokenizer", "token_embed", "mar_step", "ode", "codec_decode", "detokenize"]
+    m = export_model(small["ckpt"], folder, precisions=("fp32", "fp16", "int8"), stages=stages, progress=False,
+                     quality=False, calib_images=4)
+    for stage in ("mar_step", "ode", "detokenize"):
+        assert (folder / f"{stage}.fp32.onnx.data").is_file()
+        assert not any((folder / f"{stage}.{p}.onnx.data").exists() for p in ("fp16", "int8"))
+        assert m.precision_notes["fp16"][stage]["method"].startswith("onnxruntime.transformers.float16")
+        assert m.precision_notes["int8"][stage]["method"].startswith("quantize_dynamic")
+        fp32 = onnx.load(str(folder / f"{stage}.fp32.onnx"), load_external_data=False).graph
+        inits = {t.name for t in fp32.initializer}
+        assert not [n.name for n in fp32.node if n.op_type == "Transpose" and n.input[0] in inits]
+        int8 = onnx.load(str(folder / f"{stage}.int8.onnx")).graph
+        weights = {t.name for t in int8.initializer if len(t.dims) == 2}
+        assert not [n.name for n in int8.node if n.op_type in ("MatMul", "Gemm") and n.input[1] in weights]
+    mar = onnx.load(str(folder / "mar_step.fp32.onnx"), load_external_data=False).graph
+    scalars = {t.name: onnx.numpy_helper.to_array(t).reshape(-1) for t in mar.initializer
+               if t.data_location != onnx.TensorProto.EXTERNAL and int(np.prod(t.dims)) == 1}
+    halves = {name for name, v in scalars.items() if v[0] == 0.5}
+    erfs = [n for n in mar.node if n.op_type == "Erf"]
+    gelu_products = [n for n in mar.node if n.op_type == "Mul" and set(n.input) & halves]
+    assert erfs and len(gelu_products) == len(erfs)         # the 0.5 comes last: (x·(1 + erf))·0.5
+    producer = {o: n.op_type for n in mar.node for o in n.output}
+    assert all(producer.get(next(i for i in n.input if i not in halves)) == "Mul" for n in gelu_products)
+    assert validate_folder(folder).ok
 
 
 def test_tensorrt_runner_in_validation(small: dict[str, Any]) -> None:

@@ -106,7 +106,7 @@ def test_an_external_data_tokenizer_gets_streamed_int8(tmp_path: Path, monkeypat
     from v2flow_rt.reference.checkpoint import randomize_zero_layers
     from v2flow_rt.reference.model import V2Flow
 
-    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_BYTES", 1 << 20)
+    monkeypatch.setattr(onnx_export, "STREAMED_WEIGHT_BYTES", 1 << 20)
     monkeypatch.setattr(precision, "EXTERNAL_DATA_BYTES", 1 << 20)
     torch.manual_seed(0)
     model = randomize_zero_layers(V2Flow(get_preset("tiny", llm_vocab_size=2048)).eval())

@@ -2,7 +2,7 @@
 
 ``export_graph``: ``torch.onnx.export`` (dynamo, opset 18 by default, ``dynamic_shapes`` from the stage
 spec's symbolic dims), saved as ``{stage}.fp32.onnx`` (``.onnx.data`` beside it when the weights pass
-~1.8 GB), ``onnx.checker.check_model`` by path, shape inference and the stage contract's I/O names.
+256 MiB), ``onnx.checker.check_model`` by path, shape inference and the stage contract's I/O names.
 The whole export job (parity, precisions, quality, the atomic swap) is ``export.folder.export_model``.
 """
 
@@ -24,9 +24,14 @@ from .. import __version__
 from ..errors import ExportError, V2FlowError
 from ..stages import StageSpec
 from .large import fold_constant_transposes
-from .precision import EXTERNAL_DATA_BYTES, graph_files
+from .precision import graph_files
 
-FOLD_INLINE_MAX_BYTES = 256 << 20    # inline graphs up to this size get their weight Transposes folded
+# Graphs with more weights than this are saved with external data, though protobuf would take them inline
+# up to 2 GB: the graph rewrites below (Transpose fold, GELU order) then stream the weights instead of
+# loading the graph whole beside the model being exported (at full size the 1.4 GB one-call detokenize took
+# the export past 24 GB that way, so it was left unfolded: its int8 variant kept the weights its unrolled
+# iterations share fp32). The precisions reload a graph whole only under ``precision.EXTERNAL_DATA_BYTES``.
+STREAMED_WEIGHT_BYTES = 256 << 20
 
 
 def state_sha256(model: torch.nn.Module) -> str:
@@ -91,15 +96,9 @@ def export_graph(module: torch.nn.Module, spec: StageSpec, path: Path, opset: in
                   if v.const_value is not None)
     for old in graph_files(path):
         old.unlink(missing_ok=True)
-    external = weights > EXTERNAL_DATA_BYTES
-    program.save(str(path), external_data=external)
-    # Folding streams external data, but loads an inline graph whole (beside the model being exported):
-    # at full size the 1.4 GB one-call detokenize took the export past 24 GB, and copies of weights that
-    # other nodes still read can push an inline graph past protobuf's 2 GB. Such graphs keep their
-    # Transposes (ONNX Runtime folds them at load; their int8 variant keeps those MatMuls fp32).
-    if external or path.stat().st_size <= FOLD_INLINE_MAX_BYTES:
-        fold_constant_transposes(path)
-        reorder_gelus(path)
+    program.save(str(path), external_data=weights > STREAMED_WEIGHT_BYTES)
+    fold_constant_transposes(path)
+    reorder_gelus(path)
     check_graph(path, spec)
     return graph_files(path)
 

@@ -129,8 +129,9 @@ def copy_graph(src: Path, dst: Path) -> list[Path]:
 
 
 def is_large(path: Path) -> bool:
-    """Whether a graph keeps its weights in external data (over ``EXTERNAL_DATA_BYTES``)."""
-    return len(graph_files(path)) > 1
+    """Whether a graph is too large to load whole for conversion: over ``EXTERNAL_DATA_BYTES`` on disk
+    (export writes graphs over 256 MiB with external data too; those under this size still convert as usual)."""
+    return sum(f.stat().st_size for f in graph_files(path)) > EXTERNAL_DATA_BYTES
 
 
 def _name_nodes(model: onnx.ModelProto) -> None:
@@ -424,8 +425,8 @@ def convert_stage(precision: str, spec: StageSpec, src: Path, dst: Path, feeds: 
     def build(exclude: Sequence[str]) -> dict[str, Any]:
         nonlocal ranges
         if precision == "fp16":
-            if ranges is None:   # measured once, reused by every rung of the ladder
-                ranges = activation_ranges(model, feeds, work) if feeds else {}
+            if ranges is None:   # measured once, reused by every rung of the ladder (``model`` lacks the weights)
+                ranges = activation_ranges(load_model(src), feeds, work) if feeds else {}
             return convert_fp16(src, dst, feeds, block_nodes=exclude, ranges=ranges)
         if precision == "int8":
             if large:
