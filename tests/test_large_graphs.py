@@ -174,6 +174,42 @@ def test_weight_transposes_are_folded_into_the_weights(tmp_path: Path, external:
     assert ops.count("MatMulInteger") == 4 and "MatMul" not in ops, ops
 
 
+@pytest.mark.parametrize("external", [False, True], ids=["inline", "external-data"])
+def test_repeated_transposes_of_one_weight_share_one_folded_copy(tmp_path: Path, external: bool) -> None:
+    """One Transpose of the same weight per unrolled iteration (the full-size one-call graphs) folds into one
+    transposed initializer that every MatMul reads; another permutation of it gets its own."""
+    from v2flow_rt.export.large import fold_constant_transposes
+
+    rng = np.random.default_rng(6)
+    w = rng.standard_normal((64, 64)).astype(np.float32)
+    v = rng.standard_normal((1, 64, 64)).astype(np.float32)
+    mm = helper.make_node
+    nodes = [mm("Transpose", ["w"], ["t1"], perm=[1, 0]), mm("MatMul", ["x", "t1"], ["h1"]),
+             mm("Transpose", ["w"], ["t2"], perm=[1, 0]), mm("MatMul", ["h1", "t2"], ["h2"]),
+             mm("Transpose", ["w"], ["t3"]), mm("MatMul", ["h2", "t3"], ["h3"]),
+             helper.make_node("Transpose", ["v"], ["v1"], perm=[0, 2, 1]),
+             helper.make_node("Transpose", ["v"], ["v2"], perm=[2, 1, 0]),
+             helper.make_node("MatMul", ["h3", "v1"], ["h4"]), helper.make_node("MatMul", ["h4", "v2"], ["y"])]
+    graph = helper.make_graph(nodes, "t", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [64, 3, 1])],
+                              [numpy_helper.from_array(w, "w"), numpy_helper.from_array(v, "v")])
+    path = tmp_path / "r.onnx"
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    if external:
+        onnx.save_model(model, str(path), save_as_external_data=True, location=path.name + ".data", size_threshold=0)
+    else:
+        onnx.save_model(model, str(path))
+    x = rng.standard_normal((3, 64)).astype(np.float32)
+    before = ort_session(path).run(None, {"x": x})[0]
+    assert fold_constant_transposes(path) == 5
+    folded = onnx.load(str(path), load_external_data=False).graph
+    assert sorted(t.name for t in folded.initializer) == ["t1", "v1", "v2"]
+    assert [n.input[1] for n in folded.node] == ["t1", "t1", "t1", "v1", "v2"]
+    np.testing.assert_array_equal(ort_session(path).run(None, {"x": x})[0], before)
+    if external:
+        assert (tmp_path / "r.onnx.data").stat().st_size < w.nbytes + 2 * v.nbytes + 1024
+
+
 def test_a_fold_that_fails_leaves_the_graph_and_its_data_as_they_were(tmp_path: Path, monkeypatch) -> None:
     from v2flow_rt.export import large
 
