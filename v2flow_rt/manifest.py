@@ -5,7 +5,7 @@ Layout of an export folder::
 
     manifest.json                   written last: its presence means every listed graph was validated
     {stage}.{precision}.onnx        one graph per stage and precision
-    {stage}.{precision}.onnx.data   external weights, only for graphs over ~1.8 GB
+    {stage}.{precision}.onnx.data   external weights: exported graphs over 256 MiB (and copies), converted over ~1.8 GB
 
 ``Manifest.load`` checks that every listed file exists and (``verify=True``) that its sha256 matches, so
 a truncated copy or flipped bytes are reported by file name before any session is built.

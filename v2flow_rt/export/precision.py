@@ -21,10 +21,11 @@ copied as fp32. For the tokenizer, whose output is an argmax, more and more of t
 ``ID_AGREEMENT_MIN`` (99 %) of the ids agree with fp32 on the calibration crops; if no rung does, the
 tokenizer stays fp32. Each rung's agreement is recorded.
 
-Graphs that keep their weights in external data (over ~1.8 GB: the official tokenizer, whose readout is
-4.1 GB) are never loaded whole (``export.large``): int8 writes per-channel int8 weights streaming from the
-fp32 data; fp16 and int8-qdq, whose converters hold the whole graph several times over, keep such a graph
-fp32 (recorded).
+Graphs over ~1.8 GB (``is_large``: the official tokenizer, whose readout is 4.1 GB) are never loaded whole
+(``export.large``): int8 writes per-channel int8 weights streaming from the fp32 data; fp16 and int8-qdq,
+whose converters hold the whole graph several times over, keep such a graph fp32 (recorded). Export writes
+graphs over 256 MiB with external data as well (``export.onnx.STREAMED_WEIGHT_BYTES``); under ~1.8 GB they
+convert like any other, and their converted variants are written inline.
 """
 
 from __future__ import annotations
