@@ -183,13 +183,12 @@ def test_repeated_transposes_of_one_weight_share_one_folded_copy(tmp_path: Path,
     rng = np.random.default_rng(6)
     w = rng.standard_normal((64, 64)).astype(np.float32)
     v = rng.standard_normal((1, 64, 64)).astype(np.float32)
-    mm = helper.make_node
-    nodes = [mm("Transpose", ["w"], ["t1"], perm=[1, 0]), mm("MatMul", ["x", "t1"], ["h1"]),
-             mm("Transpose", ["w"], ["t2"], perm=[1, 0]), mm("MatMul", ["h1", "t2"], ["h2"]),
-             mm("Transpose", ["w"], ["t3"]), mm("MatMul", ["h2", "t3"], ["h3"]),
-             helper.make_node("Transpose", ["v"], ["v1"], perm=[0, 2, 1]),
-             helper.make_node("Transpose", ["v"], ["v2"], perm=[2, 1, 0]),
-             helper.make_node("MatMul", ["h3", "v1"], ["h4"]), helper.make_node("MatMul", ["h4", "v2"], ["y"])]
+    node = helper.make_node
+    nodes = [node("Transpose", ["w"], ["t1"], perm=[1, 0]), node("MatMul", ["x", "t1"], ["h1"]),
+             node("Transpose", ["w"], ["t2"], perm=[1, 0]), node("MatMul", ["h1", "t2"], ["h2"]),
+             node("Transpose", ["w"], ["t3"]), node("MatMul", ["h2", "t3"], ["h3"]),   # default perm: the same
+             node("Transpose", ["v"], ["v1"], perm=[0, 2, 1]), node("Transpose", ["v"], ["v2"], perm=[2, 1, 0]),
+             node("MatMul", ["h3", "v1"], ["h4"]), node("MatMul", ["h4", "v2"], ["y"])]
     graph = helper.make_graph(nodes, "t", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 64])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [64, 3, 1])],
                               [numpy_helper.from_array(w, "w"), numpy_helper.from_array(v, "v")])

@@ -228,10 +228,9 @@ def fold_constant_transposes(path: Path) -> int:
     try:
         data = _DataFile(path.with_name(data_name(path))) if locations else None
         read = {n.input[0] for n in folds}
-        still_read = ({name for n in graph.node if id(n) not in fold_ids for name in n.input}
-                      | {o.name for o in graph.output})
-        transposed: list[TensorProto] = []
         outputs = {o.name for o in graph.output}
+        still_read = {name for n in graph.node if id(n) not in fold_ids for name in n.input} | outputs
+        transposed: list[TensorProto] = []
         made: dict[tuple[str, tuple[int, ...]], str] = {}   # (weight, perm) → its transposed initializer
         alias: dict[str, str] = {}                         # a repeated Transpose's output → that initializer
         for node in folds:
