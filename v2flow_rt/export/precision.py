@@ -129,10 +129,15 @@ def copy_graph(src: Path, dst: Path) -> list[Path]:
     return save_model(model, dst)
 
 
+def graph_bytes(path: Path) -> int:
+    """Bytes on disk of a graph and its external data."""
+    return sum(f.stat().st_size for f in graph_files(path))
+
+
 def is_large(path: Path) -> bool:
     """Whether a graph is too large to load whole for conversion: over ``EXTERNAL_DATA_BYTES`` on disk
     (export writes graphs over 256 MiB with external data too; those under this size still convert as usual)."""
-    return sum(f.stat().st_size for f in graph_files(path)) > EXTERNAL_DATA_BYTES
+    return graph_bytes(path) > EXTERNAL_DATA_BYTES
 
 
 def _name_nodes(model: onnx.ModelProto) -> None:
@@ -417,7 +422,7 @@ def convert_stage(precision: str, spec: StageSpec, src: Path, dst: Path, feeds: 
     if large and precision != "int8":
         copy_graph(src, dst)
         return {"method": f"kept fp32: {precision} conversion loads the whole graph, and this one keeps "
-                          f"{sum(f.stat().st_size for f in graph_files(src)) / 1e9:.1f} GB in external data; "
+                          f"{graph_bytes(src) / 1e9:.1f} GB in external data; "
                           f"int8 (streamed per-channel weights) is the reduced precision for it"}
     _name_nodes(model)
     work = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{spec.name}.{precision}."))
