@@ -1,10 +1,12 @@
 """The benchmark's FLOP yardstick (``bench.detokenize_flops``) against torch's own count of the matmuls the
-one-call decode module runs (``torch.utils.flop_counter``), for each guidance mode."""
+one-call decode module runs (``torch.utils.flop_counter``), for each guidance mode; and ``bench.matmul_split``
+(a one-call graph timed with and without its matmul nodes) against that yardstick and the whole graph."""
 
 from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -33,3 +35,22 @@ def test_decode_flops_match_torchs_count(overrides: dict[str, Any]) -> None:
         module(*args)
     # The formula counts every matmul (the rest is elementwise): equal, to 0.1 % for float rounding.
     assert detokenize_flops(cfg, 2, settings) == pytest.approx(counter.get_total_flops(), rel=1e-3)
+
+
+def test_matmul_split_runs_the_same_decode_and_removes_exactly_its_matmuls(default_export) -> None:
+    from v2flow_rt.bench import matmul_split
+    from v2flow_rt.pipeline import V2FlowPipeline
+
+    pipe = V2FlowPipeline.from_pretrained(default_export, backend="ort", precision="fp32", threads=1)
+    engine, cfg = pipe.engine, pipe.config
+    feeds = engine.spec("detokenize").sample_inputs(np.random.default_rng(7), batch=2)
+    split = matmul_split(engine.manifest.path("detokenize", "fp32"), feeds, threads=1, repeat=2)
+    # The graph without its matmuls, fed a real run's matmul outputs, runs the same kernels on the same values:
+    # its images, and every matmul input it computes, equal the whole graph's (3e-7 relative here: another
+    # fusion choice; 1e-5 is far below what a misrouted or missing value gives, 1.6 with one zeroed).
+    assert split["max_rel_diff"] <= 1e-5
+    # The removed nodes are the decode's matmuls, no more and no fewer: their FLOPs, from the shapes they saw,
+    # equal the yardstick checked against torch's own count above (to 0.1 % for float rounding).
+    settings = SamplerSettings.from_config(cfg)
+    assert split["matmul_gflop"] * 1e9 == pytest.approx(detokenize_flops(cfg, 2, settings), rel=1e-3)
+    assert split["matmul_nodes"] > 0 and split["other_nodes"] > 0

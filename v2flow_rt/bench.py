@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import platform
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -109,6 +110,103 @@ def detokenize_flops(cfg: V2FlowConfig, batch: int, settings: SamplerSettings) -
     return total
 
 
+# ONNX Runtime's matrix-multiply kernels, as its optimized graphs name them (fp32, fused, dynamic int8, QDQ).
+MATMUL_OPS = frozenset({"Gemm", "MatMul", "FusedMatMul", "DynamicQuantizeMatMul", "MatMulInteger",
+                        "MatMulIntegerToFloat", "QLinearMatMul", "MatMulNBits"})
+
+
+def _matmul_flops(node: Any, values: dict[str, np.ndarray]) -> float:
+    """2 · (output elements) · K of one matmul node, from the shapes it saw in a run."""
+    a = values[node.input[0]]
+    trans = {x.name: x.i for x in node.attribute}.get("transA", 0)
+    return 2.0 * values[node.output[0]].size * a.shape[-2 if trans else -1]
+
+
+def matmul_split(graph: str | Path, feeds: dict[str, np.ndarray], threads: int | None = None,
+                 repeat: int = 20) -> dict[str, Any]:
+    """Where a graph's time goes on ONNX Runtime's CPU provider: its matmul nodes against everything else.
+
+    The graph as ONNX Runtime runs it (after its fusions, ``ORT_ENABLE_EXTENDED``) is run once with every
+    matmul node's output captured; then the same graph without its matmul nodes, fed those captured outputs,
+    is timed against the whole graph, interleaved (medians of ``repeat``). ``matmul_ms`` is the difference,
+    the matmuls' share of a real run (an estimate: the rest runs without the matmuls between its nodes, its
+    inputs in buffers of their own). ``max_rel_diff``: the split graph's outputs against the whole graph's,
+    and the matmul inputs it computes against the real run's, each relative to its largest value (the same
+    computation: 0 up to another fusion choice). For graphs ONNX Runtime can save whole (under 2 GB)."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import helper
+
+    def options(level: Any) -> Any:
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = level
+        if threads:
+            opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+        return opts
+
+    cpu = ["CPUExecutionProvider"]
+    levels = ort.GraphOptimizationLevel
+    with tempfile.TemporaryDirectory() as tmp:
+        opts = options(levels.ORT_ENABLE_EXTENDED)
+        opts.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
+        ort.InferenceSession(str(graph), opts, providers=cpu)
+        model = onnx.load(opts.optimized_model_filepath)
+    matmuls = [n for n in model.graph.node if n.op_type in MATMUL_OPS]
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    wanted = [x for n in matmuls for x in (n.input[0], n.output[0])]
+    probe.graph.output.extend(helper.make_empty_tensor_value_info(x) for x in dict.fromkeys(wanted))
+    session = ort.InferenceSession(probe.SerializeToString(), options(levels.ORT_DISABLE_ALL), providers=cpu)
+    values = dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds)))
+
+    rest = onnx.ModelProto()
+    rest.CopyFrom(model)
+    del rest.graph.node[:]
+    rest.graph.node.extend(n for n in model.graph.node if n.op_type not in MATMUL_OPS)
+    rest.graph.input.extend(helper.make_tensor_value_info(n.output[0], helper.np_dtype_to_tensor_dtype(
+        values[n.output[0]].dtype), values[n.output[0]].shape) for n in matmuls)
+    # each matmul's input stays an output: the nodes that only feed a matmul must run (nothing may drop them
+    # as dead code), and what they compute is checked below
+    graph_inputs = {i.name for i in model.graph.input} | {t.name for t in model.graph.initializer}
+    fed = dict.fromkeys(n.input[0] for n in matmuls if n.input[0] not in graph_inputs)
+    rest.graph.output.extend(helper.make_empty_tensor_value_info(x) for x in fed)
+    used = {x for n in rest.graph.node for x in n.input}
+    kept = [t for t in model.graph.initializer if t.name in used]
+    del rest.graph.initializer[:]
+    rest.graph.initializer.extend(kept)
+
+    runs = {}
+    for name, source in (("whole", str(graph)), ("without_matmuls", rest.SerializeToString())):
+        sess = ort.InferenceSession(source, options(levels.ORT_ENABLE_ALL), providers=cpu)
+        binding = sess.io_binding()
+        for i in sess.get_inputs():
+            binding.bind_ortvalue_input(i.name, ort.OrtValue.ortvalue_from_numpy(
+                np.ascontiguousarray(feeds[i.name] if i.name in feeds else values[i.name])))
+        for o in sess.get_outputs():     # the kept matmul inputs into buffers allocated once
+            if o.name in fed:
+                binding.bind_ortvalue_output(o.name, ort.OrtValue.ortvalue_from_numpy(np.empty_like(values[o.name])))
+            else:
+                binding.bind_output(o.name)
+        sess.run_with_iobinding(binding)
+        runs[name] = (sess, binding)
+    # the split graph's outputs against the whole graph's, and every matmul input it computes against the real run's
+    got, want = ({o.name: v for o, v in zip(runs[k][0].get_outputs(), runs[k][1].copy_outputs_to_cpu())}
+                 for k in ("without_matmuls", "whole"))
+    diff = max(float(np.abs(got[k] - v).max() / max(np.abs(v).max(), 1e-30))
+               for k, v in {**want, **{x: values[x] for x in fed}}.items())
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    for _ in range(repeat):
+        for name, (sess, binding) in runs.items():
+            t0 = time.perf_counter()
+            sess.run_with_iobinding(binding)
+            times[name].append((time.perf_counter() - t0) * 1e3)
+    whole, without = (float(np.median(times[k])) for k in ("whole", "without_matmuls"))
+    return {"whole_ms": whole, "without_matmuls_ms": without, "matmul_ms": whole - without,
+            "matmul_nodes": len(matmuls), "other_nodes": len(rest.graph.node),
+            "matmul_gflop": sum(_matmul_flops(n, values) for n in matmuls) / 1e9,
+            "max_rel_diff": diff, "repeat": repeat}
+
+
 def _pipelines(model: str, export_dir: str | None, precisions: list[str], torch_modes: list[str],
                threads: int | None) -> dict[str, V2FlowPipeline]:
     pipes: dict[str, V2FlowPipeline] = {}
@@ -122,7 +220,8 @@ def _pipelines(model: str, export_dir: str | None, precisions: list[str], torch_
 
 def run_bench(model: str = "default", export_dir: str | None = None, precisions: tuple[str, ...] = ("fp32",),
               torch_modes: tuple[str, ...] = ("torch", "torch-compile"), batch: int = 1, repeat: int = 5,
-              threads: int | None = None, progress: bool = True, steps: int | None = None) -> dict[str, Any]:
+              threads: int | None = None, progress: bool = True, steps: int | None = None,
+              split: bool = False) -> dict[str, Any]:
     """Time every backend on the same ids, images and seed; ratios are against PyTorch eager.
 
     A backend with one-call graphs gets two rows: ``NAME`` (one call per tokenize / detokenize, as the
@@ -131,7 +230,8 @@ def run_bench(model: str = "default", export_dir: str | None = None, precisions:
     ``torch`` is the one-call module and ``torch-loop`` the stage loop, as the official sampler runs.
 
     ``steps``: ODE steps of the decode (default: the model's; equal to an export's baked steps, the ORT
-    backends run the fused ODE graphs)."""
+    backends run the fused ODE graphs). ``split``: also time each ONNX Runtime one-call ``detokenize``
+    graph with and without its matmul nodes (``matmul_split``; CPU provider)."""
     from tqdm import tqdm
 
     from .data import HELDOUT_PHOTOS, fitting_crops, from_model_range, load_photo
@@ -182,6 +282,10 @@ def run_bench(model: str = "default", export_dir: str | None = None, precisions:
             if eng.has(real) and one_call is not False:     # a "-loop" row's stages are its row above's
                 stages[stage] = measure(lambda: eng.run(real, feeds), 1, repeat)  # noqa: B023
         r["stages"] = stages
+        if split and eng.backend == "ort-cpu" and used["detokenize"]:
+            feeds = eng.spec("detokenize").sample_inputs(rng, batch=batch)
+            r["detokenize_split"] = matmul_split(eng.manifest.path("detokenize", eng.precision), feeds,
+                                                 threads, repeat)
         images = pipe.detokenize(ids, seed=0, steps=settings.steps, output="float", one_call=one_call)
         if reference_images is None:
             reference_images = images
