@@ -128,7 +128,7 @@ def matmul_split(graph: str | Path, feeds: dict[str, np.ndarray], threads: int |
 
     The graph as ONNX Runtime runs it (after its fusions, ``ORT_ENABLE_EXTENDED``) is run once with every
     matmul node's output captured; then the same graph without its matmul nodes, fed those captured outputs,
-    is timed against the whole graph, interleaved (medians of ``repeat``). ``matmul_ms`` is the difference,
+    is timed against the whole graph (medians of ``repeat``). ``matmul_ms`` is the difference,
     the matmuls' share of a real run (an estimate: the rest runs without the matmuls between its nodes, its
     inputs in buffers of their own). ``max_rel_diff``: the split graph's outputs against the whole graph's,
     and the matmul inputs it computes against the real run's, each relative to its largest value (the same
@@ -194,9 +194,12 @@ def matmul_split(graph: str | Path, feeds: dict[str, np.ndarray], threads: int |
                  for k in ("without_matmuls", "whole"))
     diff = max(float(np.abs(got[k] - v).max() / max(np.abs(v).max(), 1e-30))
                for k, v in {**want, **{x: values[x] for x in fed}}.items())
+    # one session after the other, not interleaved: with several threads, a session's idle workers spin for a
+    # while after its run and would compete with the other session's
     times: dict[str, list[float]] = {k: [] for k in runs}
-    for _ in range(repeat):
-        for name, (sess, binding) in runs.items():
+    for name, (sess, binding) in runs.items():
+        sess.run_with_iobinding(binding)
+        for _ in range(repeat):
             t0 = time.perf_counter()
             sess.run_with_iobinding(binding)
             times[name].append((time.perf_counter() - t0) * 1e3)
