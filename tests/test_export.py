@@ -621,3 +621,42 @@ def test_gelus_are_reordered_for_fusion_with_the_same_values(tmp_path: Path, ext
     assert np.abs(after - before).max() <= 1e-5 * np.abs(before).max()
     assert reorder_gelus(path) == 0                       # nothing left to rewrite
     assert (tmp_path / "mlp.onnx.data").exists() == external
+
+
+@pytest.mark.parametrize("rows", [False, True], ids=["all-rows", "query-rows"])
+def test_attention_is_written_out_for_the_graph_and_equals_sdpa(rows: bool, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Exported, attention is matmul-softmax-matmul: fewer nodes than the exporter's SDPA (its key transpose
+    comes with shape arithmetic), with SDPA's values (eager PyTorch's kernel, fresh inputs, 1e-5: float
+    rounding of a 16-wide dot product)."""
+    from torch.export import Dim
+
+    from v2flow_rt.reference.transformer import Attention
+
+    torch.manual_seed(0)
+    attn = Attention(64, 4, 0.0, 0.0).eval()
+
+    class Wrap(torch.nn.Module):
+        def forward(self, x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+            return attn(x, r if rows else None)
+
+    x, r = torch.randn(2, 10, 64), torch.tensor([[1, 4, 7], [0, 2, 9]])
+    batch = Dim("batch", min=1, max=8)
+
+    def export(name: str) -> onnx.ModelProto:
+        path = tmp_path / f"{name}.onnx"
+        torch.onnx.export(Wrap(), (x, r), dynamo=True, dynamic_shapes={"x": {0: batch}, "r": {0: batch}},
+                          input_names=["x", "r"]).save(str(path))
+        return onnx.load(str(path))
+
+    written = export("written")
+    monkeypatch.setattr(torch.onnx, "is_in_onnx_export", lambda: False)   # the SDPA path, as eager runs it
+    sdpa = export("sdpa")
+    assert len(written.graph.node) <= len(sdpa.graph.node) - 5, (len(written.graph.node), len(sdpa.graph.node))
+    x2, r2 = torch.randn(3, 10, 64), torch.tensor([[9, 3, 0], [5, 6, 7], [2, 1, 8]])
+    with torch.no_grad():
+        want = Wrap()(x2, r2).numpy()
+    session = ort_session(tmp_path / "written.onnx")
+    feeds = {"x": x2.numpy(), "r": r2.numpy()}
+    got = session.run(None, {i.name: feeds[i.name] for i in session.get_inputs()})[0]
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
