@@ -54,3 +54,13 @@ def test_matmul_split_runs_the_same_decode_and_removes_exactly_its_matmuls(defau
     settings = SamplerSettings.from_config(cfg)
     assert split["matmul_gflop"] * 1e9 == pytest.approx(detokenize_flops(cfg, 2, settings), rel=1e-3)
     assert split["matmul_nodes"] > 0 and split["other_nodes"] > 0
+
+
+def test_matmul_split_refuses_a_graph_too_large_to_save_whole(default_export, monkeypatch) -> None:
+    from v2flow_rt.bench import matmul_split
+    from v2flow_rt.errors import ArtifactError
+    from v2flow_rt.export import precision
+
+    monkeypatch.setattr(precision, "EXTERNAL_DATA_BYTES", 1000)     # the default graphs as if over 1.8 GB
+    with pytest.raises(ArtifactError, match=r"detokenize.fp32.onnx: .* takes graphs under 2 GB"):
+        matmul_split(default_export / "detokenize.fp32.onnx", {})

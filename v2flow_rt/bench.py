@@ -137,6 +137,13 @@ def matmul_split(graph: str | Path, feeds: dict[str, np.ndarray], threads: int |
     import onnxruntime as ort
     from onnx import helper
 
+    from .errors import ArtifactError
+    from .export.precision import EXTERNAL_DATA_BYTES, graph_bytes
+
+    if graph_bytes(Path(graph)) > EXTERNAL_DATA_BYTES:
+        raise ArtifactError(f"{graph}: {graph_bytes(Path(graph)) / 1e9:.1f} GB with its weights; the split saves "
+                            f"the graph as ONNX Runtime optimized it, which takes graphs under 2 GB")
+
     def options(level: Any) -> Any:
         opts = ort.SessionOptions()
         opts.graph_optimization_level = level
