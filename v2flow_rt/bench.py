@@ -140,9 +140,10 @@ def matmul_split(graph: str | Path, feeds: dict[str, np.ndarray], threads: int |
     from .errors import ArtifactError
     from .export.precision import EXTERNAL_DATA_BYTES, graph_bytes
 
-    if graph_bytes(Path(graph)) > EXTERNAL_DATA_BYTES:
-        raise ArtifactError(f"{graph}: {graph_bytes(Path(graph)) / 1e9:.1f} GB with its weights; the split saves "
-                            f"the graph as ONNX Runtime optimized it, which takes graphs under 2 GB")
+    size = graph_bytes(Path(graph))
+    if size > EXTERNAL_DATA_BYTES:
+        raise ArtifactError(f"{graph}: {size / 1e9:.1f} GB with its weights; the split saves the graph as "
+                            f"ONNX Runtime optimized it, which takes graphs under 2 GB")
 
     def options(level: Any) -> Any:
         opts = ort.SessionOptions()
