@@ -27,7 +27,7 @@ from v2flow_rt.data import HELDOUT_PHOTOS, eval_crops
 from v2flow_rt.errors import ArtifactError, ExportError, ParityError
 from v2flow_rt.export.folder import export_model
 from v2flow_rt.export.parity import FP32_MAX_REL, stage_parity
-from v2flow_rt.export.precision import ID_AGREEMENT_MIN, convert_fp16, ort_session
+from v2flow_rt.export.precision import ID_AGREEMENT_MIN, PER_TENSOR_MAX_LOSS_DB, convert_fp16, ort_session
 from v2flow_rt.export.validate import validate_folder
 from v2flow_rt.manifest import MANIFEST_NAME, PRECISIONS, Manifest
 from v2flow_rt.reference import stage_modules as M
@@ -305,6 +305,16 @@ def test_precisions_notes_and_quality(tiny: dict[str, Any]) -> None:
         tok = m.precision_notes[precision]["tokenizer"]
         assert tok["exclusions_tried"] and tok["id_agreement_calibration"] >= ID_AGREEMENT_MIN, tok
         assert all(t["id_agreement"] < ID_AGREEMENT_MIN for t in tok["exclusions_tried"][:-1])   # cheapest rung kept
+    # dynamic int8 of a float-output graph: per-tensor weight scales only within the bound of per-channel's
+    # SNR, as recorded; the tokenizer's ids keep per-channel scales (its exclusion ladder)
+    for stage, notes in m.precision_notes["int8"].items():
+        scales = notes.get("weight_scales")
+        if stage in ("tokenizer", "tokenize") or "copied from fp32" in notes["method"]:
+            assert scales is None and "per_channel=False" not in notes["method"], (stage, notes)
+            continue
+        loss = scales["snr_db_per_channel"] - scales["snr_db_per_tensor"]
+        assert scales["chosen"] == ("per-tensor" if loss <= PER_TENSOR_MAX_LOSS_DB else "per-channel"), (stage, scales)
+        assert f"per_channel={scales['chosen'] == 'per-channel'}" in notes["method"], (stage, notes)
     # qdq graphs hold QuantizeLinear/DequantizeLinear; dynamic int8 graphs hold integer matmuls
     ops = {p: {n.op_type for n in onnx.load(str(m.path("velocity", p))).graph.node} for p in ("int8", "int8-qdq")}
     assert "DequantizeLinear" in ops["int8-qdq"] and "MatMulInteger" in ops["int8"]

@@ -159,7 +159,7 @@ def quantize_matmuls(src: Path, dst: Path, exclude: Sequence[str] = (), min_valu
             q = TensorProto(name=t.name + "_quantized", data_type=TensorProto.INT8, dims=list(t.dims))
             data.add(q, _quantized_rows(w, scale))
             new_inits += [q, numpy_helper.from_array(scale, t.name + "_scale"),
-                          numpy_helper.from_array(np.zeros(w.shape[1], np.int8), t.name + "_zero_point")]
+                          numpy_helper.from_array(np.zeros((), np.int8), t.name + "_zero_point")]   # see scalar_zero_points
     except BaseException:
         data.f.close()
         raise
