@@ -670,3 +670,32 @@ def test_attention_is_written_out_for_the_graph_and_equals_sdpa(rows: bool, tmp_
     feeds = {"x": x2.numpy(), "r": r2.numpy()}
     got = session.run(None, {i.name: feeds[i.name] for i in session.get_inputs()})[0]
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
+
+
+def test_row_scatter_is_one_scatternd_in_the_graph_with_scatters_values(tmp_path: Path) -> None:
+    """Exported, ``scatter_rows`` is an index_put (``ScatterND`` copying whole rows) instead of the eager
+    ``scatter`` (``ScatterElements``, an index per value); the values are the same copy (exact), at batch
+    sizes other than the traced one and with rows in any order."""
+    from torch.export import Dim
+
+    from v2flow_rt.reference.transformer import scatter_rows
+
+    class Wrap(torch.nn.Module):
+        def forward(self, base: torch.Tensor, rows: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+            return scatter_rows(base, rows, values)
+
+    batch, m = Dim("batch", min=1, max=8), Dim("m", min=1, max=12)
+    path = tmp_path / "scatter.onnx"
+    torch.onnx.export(Wrap(), (torch.randn(2, 12, 16), torch.tensor([[3, 0, 7], [1, 11, 4]]), torch.randn(2, 3, 16)),
+                      dynamo=True, dynamic_shapes={"base": {0: batch}, "rows": {0: batch, 1: m}, "values": {0: batch, 1: m}},
+                      input_names=["base", "rows", "values"]).save(str(path))
+    ops = [n.op_type for n in onnx.load(str(path)).graph.node]
+    assert "ScatterND" in ops and "ScatterElements" not in ops, ops
+    gen = torch.Generator().manual_seed(4)
+    session = ort_session(path)
+    for b, k in ((1, 5), (3, 12), (2, 1)):
+        base, values = torch.randn(b, 12, 16, generator=gen), torch.randn(b, k, 16, generator=gen)
+        rows = torch.stack([torch.randperm(12, generator=gen)[:k] for _ in range(b)])
+        want = base.scatter(1, rows[..., None].expand(-1, -1, 16), values).numpy()
+        got = session.run(None, {"base": base.numpy(), "rows": rows.numpy(), "values": values.numpy()})[0]
+        np.testing.assert_array_equal(got, want)

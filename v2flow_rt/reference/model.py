@@ -28,7 +28,7 @@ from ..sampling import SamplerSettings, sample_tokens
 from ..sampling.loop import OdeFn
 from ..stages import keep_indices as stages_keep_indices
 from .resampler import STCConnector, VectorQuantize, build_mlp
-from .transformer import Block, FlowLoss, SimpleMLPAdaLN
+from .transformer import Block, FlowLoss, SimpleMLPAdaLN, scatter_rows
 
 
 def keep_indices(mask: torch.Tensor, buffer_size: int) -> torch.Tensor:
@@ -186,7 +186,7 @@ class V2Flow(nn.Module):
         cfg = self.config
         x = self.decoder_embed(x)                                            # (B, N+K, Dz)
         full = self.mask_token.expand(x.shape[0], cfg.buffer_size + cfg.num_tokens, -1)
-        full = full.scatter(1, keep_idx[..., None].expand(-1, -1, x.shape[-1]), x)    # (B, N+L, Dz)
+        full = scatter_rows(full, keep_idx, x)                                # (B, N+L, Dz)
         x = full + self.decoder_pos_embed_learned
         if positions is None:
             for block in self.decoder_blocks:

@@ -32,6 +32,7 @@ from ..errors import ConfigError
 from ..sampling import SamplerSettings, cfg_weight, mask_lengths
 from .model import V2Flow
 from .stage_modules import Codec, CodecDecode, CodecEncode, MarStep, Ode, OdeCfg, TokenEmbed, Tokenizer
+from .transformer import scatter_rows
 
 
 class Tokenize(nn.Module):
@@ -101,7 +102,7 @@ class Detokenize(nn.Module):
                 x0 = self.ode(x, z_pred, z_u, scale)                                    # (B·M, C)
             else:
                 x0 = self.ode(x, z_pred)
-            tokens = tokens.scatter(1, pred[..., None].expand(-1, -1, c), x0.reshape(b, m, c))
+            tokens = scatter_rows(tokens, pred, x0.reshape(b, m, c))                    # (B, N, C)
             prev = next_len
         latent = tokens.transpose(1, 2).reshape(b, c, self.grid, self.grid)             # (B, C, g, g)
         return self.decode(latent)

@@ -11,6 +11,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+# ----------------------------------------------------------------------------- row scatter
+
+
+def scatter_rows(base: torch.Tensor, rows: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """``base`` [B, T, C] with row ``rows[b, i]`` replaced by ``values[b, i]`` (rows [B, M] int64, values
+    [B, M, C]); a new tensor. Eager PyTorch scatters along dim 1. Exported, it is an index_put, which
+    becomes one ``ScatterND`` copying whole rows, where ``scatter`` becomes ``ScatterElements`` with an
+    index per value: 14 against 47 µs on ONNX Runtime for the decoder's [1, 128, 128] (one thread)."""
+    if torch.onnx.is_in_onnx_export():
+        batch = torch.arange(base.shape[0], device=rows.device)[:, None].expand_as(rows)    # (B, M)
+        return base.index_put((batch, rows), values)
+    return base.scatter(1, rows[..., None].expand(-1, -1, values.shape[-1]), values)
+
+
 # ----------------------------------------------------------------------------- transformer block
 
 
