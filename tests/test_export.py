@@ -305,16 +305,19 @@ def test_precisions_notes_and_quality(tiny: dict[str, Any]) -> None:
         tok = m.precision_notes[precision]["tokenizer"]
         assert tok["exclusions_tried"] and tok["id_agreement_calibration"] >= ID_AGREEMENT_MIN, tok
         assert all(t["id_agreement"] < ID_AGREEMENT_MIN for t in tok["exclusions_tried"][:-1])   # cheapest rung kept
-    # dynamic int8 of a float-output graph: per-tensor weight scales only within the bound of per-channel's
-    # SNR, as recorded; the tokenizer's ids keep per-channel scales (its exclusion ladder)
+    # dynamic int8 of a float-output graph: the fastest scheme within the bound of per-channel weights' SNR,
+    # as recorded; the tokenizer's ids keep per-channel scales (its exclusion ladder)
     for stage, notes in m.precision_notes["int8"].items():
-        scales = notes.get("weight_scales")
+        scheme = notes.get("int8_scheme")
         if stage in ("tokenizer", "tokenize") or "copied from fp32" in notes["method"]:
-            assert scales is None and "per_channel=False" not in notes["method"], (stage, notes)
+            assert scheme is None and "per_channel=False" not in notes["method"], (stage, notes)
             continue
-        loss = scales["snr_db_per_channel"] - scales["snr_db_per_tensor"]
-        assert scales["chosen"] == ("per-tensor" if loss <= PER_TENSOR_MAX_LOSS_DB else "per-channel"), (stage, scales)
-        assert f"per_channel={scales['chosen'] == 'per-channel'}" in notes["method"], (stage, notes)
+        best = scheme["snr_db"]["per-channel"]
+        tried = [name for name in scheme["snr_db"] if name != "per-channel"]   # fastest first, up to the one kept
+        accepted = [name for name in tried if scheme["snr_db"][name] >= best - PER_TENSOR_MAX_LOSS_DB]
+        assert accepted == ([] if scheme["chosen"] == "per-channel" else [scheme["chosen"]]), (stage, scheme)
+        assert scheme["chosen"] == "per-channel" or tried[-1] == scheme["chosen"], (stage, scheme)
+        assert f"per_channel={scheme['chosen'] == 'per-channel'}" in notes["method"], (stage, notes)
     # qdq graphs hold QuantizeLinear/DequantizeLinear; dynamic int8 graphs hold integer matmuls
     ops = {p: {n.op_type for n in onnx.load(str(m.path("velocity", p))).graph.node} for p in ("int8", "int8-qdq")}
     assert "DequantizeLinear" in ops["int8-qdq"] and "MatMulInteger" in ops["int8"]

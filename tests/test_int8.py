@@ -97,15 +97,16 @@ def test_a_nonzero_zero_point_is_left_alone() -> None:
 @pytest.mark.parametrize(("spread", "chosen"), [(1.0, "per-tensor"), (100.0, "per-channel")])
 def test_per_tensor_scales_only_where_they_cost_little(spread: float, chosen: str, tmp_path: Path) -> None:
     """Columns alike: one scale per matrix loses nothing and is kept. Column scales spanning 100×: it loses
-    the small columns and per-column scales are kept."""
+    the small columns and per-column scales are kept. (No activation matmuls here: that scheme is skipped.)"""
     src = _mlp(tmp_path / "fp32.onnx", column_spread=spread)
     notes = dynamic_int8(src, tmp_path / "int8.onnx", _feeds(1))
-    scales = notes["weight_scales"]
-    assert scales["chosen"] == chosen, scales
-    loss = scales["snr_db_per_channel"] - scales["snr_db_per_tensor"]
-    assert (loss <= PER_TENSOR_MAX_LOSS_DB) == (chosen == "per-tensor"), scales
+    scheme = notes["int8_scheme"]
+    assert scheme["chosen"] == chosen, scheme
+    assert set(scheme["snr_db"]) == ({"per-channel", "per-tensor"}), scheme
+    loss = scheme["snr_db"]["per-channel"] - scheme["snr_db"]["per-tensor"]
+    assert (loss <= PER_TENSOR_MAX_LOSS_DB) == (chosen == "per-tensor"), scheme
     if chosen == "per-channel":
-        assert loss > 3 * PER_TENSOR_MAX_LOSS_DB, scales    # not a close call (measured 4.1 dB)
+        assert loss > 3 * PER_TENSOR_MAX_LOSS_DB, scheme    # not a close call (measured 4.1 dB)
     # the graph written is the one chosen: one scale per matrix, or one per column
     model = onnx.load(str(tmp_path / "int8.onnx"))
     inits = {t.name: t for t in model.graph.initializer}
@@ -116,8 +117,53 @@ def test_per_tensor_scales_only_where_they_cost_little(spread: float, chosen: st
     fresh = _feeds(2)
     ref = [ort_session(src).run(None, f)[0] for f in fresh]
     got = [ort_session(tmp_path / "int8.onnx").run(None, f)[0] for f in fresh]
-    recorded = scales["snr_db_per_tensor" if chosen == "per-tensor" else "snr_db_per_channel"]
-    assert abs(snr_db(got, ref) - recorded) < 1.0
+    assert abs(snr_db(got, ref) - scheme["snr_db"][chosen]) < 1.0
+
+
+def _with_activation_matmul(path: Path, weight: float) -> Path:
+    """y = Relu(x W1) W2 + weight · (a b), where a [rows, 16] and b [16, 32] are inputs: an activation ×
+    activation matmul (as in attention) beside weight matmuls whose columns are alike."""
+    rng = np.random.default_rng(0)
+    w1, w2 = rng.standard_normal((64, 128)), rng.standard_normal((128, 32))
+    w1, w2 = [(w / np.abs(w).max(axis=0) * 0.3).astype(np.float32) for w in (w1, w2)]
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("MatMul", ["r", "w2"], ["m"]), helper.make_node("MatMul", ["a", "b"], ["ab"]),
+             helper.make_node("Mul", ["ab", "c"], ["abc"]), helper.make_node("Add", ["m", "abc"], ["y"])]
+    inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in
+              (("x", ["rows", 64]), ("a", ["rows", 16]), ("b", [16, 32]))]
+    graph = helper.make_graph(nodes, "act", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["rows", 32])],
+                              [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2"),
+                               numpy_helper.from_array(np.array(weight, np.float32), "c")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    _name_nodes(model)
+    onnx.save_model(model, str(path))
+    return path
+
+
+@pytest.mark.parametrize(("weight", "outlier", "chosen"), [(0.01, 1.0, "per-tensor, activation matmuls too"),
+                                                          (1.0, 1000.0, "per-tensor")])
+def test_activation_matmuls_are_quantized_only_where_they_cost_little(weight: float, outlier: float, chosen: str,
+                                                                      tmp_path: Path) -> None:
+    """A small activation matmul term: quantizing it costs nothing measurable and it is kept. A dominant one
+    whose input a has one column 1000× the others (b's row 1000× smaller, so every column counts): a
+    per-tensor uint8 of a rounds the other columns away, and the matmul stays fp32."""
+    src = _with_activation_matmul(tmp_path / "fp32.onnx", weight)
+    rng = np.random.default_rng(5)
+    feeds = []
+    for _ in range(2):
+        a, b = rng.standard_normal((24, 16)), rng.standard_normal((16, 32))
+        a[:, 0] *= outlier
+        b[0] /= outlier
+        feeds.append({"x": rng.standard_normal((24, 64)).astype(np.float32), "a": a.astype(np.float32),
+                      "b": b.astype(np.float32)})
+    scheme = dynamic_int8(src, tmp_path / "int8.onnx", feeds)["int8_scheme"]
+    assert scheme["chosen"] == chosen, scheme
+    best = scheme["snr_db"]["per-channel"]
+    fastest = scheme["snr_db"]["per-tensor, activation matmuls too"]
+    assert (fastest >= best - PER_TENSOR_MAX_LOSS_DB) == (chosen == "per-tensor, activation matmuls too"), scheme
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "int8.onnx")).graph.node]
+    assert ops.count("MatMulInteger") == (3 if chosen == "per-tensor, activation matmuls too" else 2), ops
+    assert ops.count("MatMul") == (0 if chosen == "per-tensor, activation matmuls too" else 1), ops
 
 
 def test_snr_db_against_a_known_value() -> None:

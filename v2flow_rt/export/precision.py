@@ -10,9 +10,9 @@ Precisions (the graph carries its precision; TensorRT 11 builds what it is given
   node to fp16 even when the next node is blocked too; those fp32→fp16→fp32 round trips are removed
   afterwards (``drop_round_trip_casts``), or a chain of fp32 nodes would still overflow between them.
 - ``int8``: ``quantize_dynamic`` (QInt8 weights of MatMul/Gemm with constant B); the fast CPU format. A
-  graph with float outputs gets one weight scale per matrix where that costs at most
-  ``PER_TENSOR_MAX_LOSS_DB`` against a scale per column, measured against fp32 on the calibration inputs
-  (``dynamic_int8``); integer outputs (tokenizer ids) keep per-column scales.
+  graph with float outputs gets one weight scale per matrix, and its attention matmuls quantized too,
+  where that costs at most ``PER_TENSOR_MAX_LOSS_DB`` against a scale per column, measured against fp32 on
+  the calibration inputs (``dynamic_int8``); integer outputs (tokenizer ids) keep per-column scales.
 - ``int8-qdq``: ``quantize_static`` in symmetric per-channel QDQ format (QInt8 activations and weights,
   MinMax) calibrated on real photo crops of the TRAIN photos pushed through the fp32 stages (never the
   held-out photos); the TensorRT format.
@@ -69,9 +69,10 @@ QUANT_OPS_DYNAMIC = ["MatMul", "Gemm"]
 ID_AGREEMENT_MIN = 0.99
 QUANT_OPS_STATIC = ["MatMul", "Gemm", "Conv"]
 # Dynamic int8 of a float-output graph: ONNX Runtime's DynamicQuantizeMatMul rescales an output with one
-# weight scale per column in a second pass over it, 6-8 % of the int8 one-call decode at its 5 to 24 rows
-# (measured, one and two threads). One scale per matrix is kept when its error against fp32 on the
-# calibration inputs is at most this much above the per-column error (1 dB: 26 % more error energy).
+# weight scale per column in a second pass over it, 6-8 % of the int8 one-call decode at its 5 to 24 rows,
+# and the attention's fp32 activation matmuls are another 5 % (measured, one thread). A faster scheme is
+# kept when its error against fp32 on the calibration inputs is at most this much above that of per-column
+# weight scales alone (1 dB: 26 % more error energy).
 PER_TENSOR_MAX_LOSS_DB = 1.0
 # Calibration batches the choice is measured on (the full-size fp32 decode takes seconds an image).
 PER_TENSOR_FEEDS = 2
@@ -333,13 +334,14 @@ class _Reader:
 
 def quantize_int8(src: Path, dst: Path, mode: str, feeds: Sequence[Feeds] = (),
                   exclude: Sequence[str] = (), calibration_cache: Path | None = None,
-                  per_channel: bool = True) -> dict[str, Any]:
+                  per_channel: bool = True, activation_matmuls: bool = False) -> dict[str, Any]:
     """``mode='dynamic'`` (precision ``int8``) or ``'qdq'`` (``int8-qdq``, needs calibration ``feeds``).
 
     ``calibration_cache``: a file where static quantization keeps the measured activation ranges, so
     that quantizing the same graph again with other exclusions does not calibrate again.
     ``per_channel``: dynamic int8 weight scales per output column (else one per matrix); QDQ is always
-    per column.
+    per column. ``activation_matmuls``: dynamic int8 also of matmuls whose both inputs are activations
+    (attention), each quantized per tensor at run time.
     """
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
 
@@ -357,9 +359,11 @@ def quantize_int8(src: Path, dst: Path, mode: str, feeds: Sequence[Feeds] = (),
             renamed = [f"{name}_MatMul" for name in exclude if name in gemms]
             quantize_dynamic(named, out, op_types_to_quantize=QUANT_OPS_DYNAMIC, per_channel=per_channel,
                              weight_type=QuantType.QInt8, nodes_to_exclude=list(exclude) + renamed,
-                             use_external_data_format=big, extra_options={"MatMulConstBOnly": True})
-            how = (f"quantize_dynamic(per_channel={per_channel}, weight_type=QInt8, MatMul/Gemm with constant B)"
-                   f", zero weight zero points stored as scalars")
+                             use_external_data_format=big,
+                             extra_options={"MatMulConstBOnly": not activation_matmuls})
+            which = "every MatMul/Gemm" if activation_matmuls else "MatMul/Gemm with constant B"
+            how = (f"quantize_dynamic(per_channel={per_channel}, weight_type=QInt8, {which}), zero weight zero "
+                   f"points stored as scalars")
         elif mode == "qdq":
             if not feeds:
                 raise ExportError(f"static int8 of {src.name} needs calibration inputs, got none")
@@ -417,29 +421,45 @@ def snr_db(outputs: Sequence[np.ndarray], reference: Sequence[np.ndarray]) -> fl
     return float("inf") if error == 0 else 10.0 * float(np.log10(max(signal, 1e-300) / error))
 
 
+# Dynamic int8 schemes of a float-output graph, fastest first: (name, per-channel weight scales, activation ×
+# activation matmuls quantized too). The last is the most accurate and the yardstick of the others.
+DYNAMIC_SCHEMES = (("per-tensor, activation matmuls too", False, True), ("per-tensor", False, False),
+                   ("per-channel", True, False))
+
+
 def dynamic_int8(src: Path, dst: Path, feeds: Sequence[Feeds], exclude: Sequence[str] = ()) -> dict[str, Any]:
-    """Dynamic int8 of a float-output graph with per-tensor weight scales where they cost little: both
-    granularities are written and run on (up to ``PER_TENSOR_FEEDS`` of) the calibration ``feeds``; per-tensor
-    is kept when its SNR against fp32 is within ``PER_TENSOR_MAX_LOSS_DB`` of per-channel's. Both SNRs and
-    the choice go in the notes."""
+    """Dynamic int8 of a float-output graph, the fastest of ``DYNAMIC_SCHEMES`` whose SNR against fp32 on (up
+    to ``PER_TENSOR_FEEDS`` of) the calibration ``feeds`` is within ``PER_TENSOR_MAX_LOSS_DB`` of per-channel
+    weights'. Quantizing the attention's activation × activation matmuls too is tried only where the graph
+    has some. Each scheme's SNR and the choice go in the notes (``int8_scheme``)."""
     feeds = list(feeds)[:PER_TENSOR_FEEDS]
     session = ort_session(src)
     reference = [o for f in feeds for o in _run(session, f) if o.dtype.kind == "f"]
     del session
+    model = onnx.load(str(src), load_external_data=False)
+    weights = {t.name for t in model.graph.initializer}
+    has_activation_matmuls = any(n.op_type == "MatMul" and n.input[1] not in weights for n in model.graph.node)
 
-    def write(per_channel: bool) -> tuple[dict[str, Any], float]:
-        notes = quantize_int8(src, dst, "dynamic", exclude=exclude, per_channel=per_channel)
+    def write(per_channel: bool, activation_matmuls: bool) -> tuple[dict[str, Any], float]:
+        notes = quantize_int8(src, dst, "dynamic", exclude=exclude, per_channel=per_channel,
+                              activation_matmuls=activation_matmuls)
         s = ort_session(dst)
         return notes, snr_db([o for f in feeds for o in _run(s, f) if o.dtype.kind == "f"], reference)
 
-    _, channel_db = write(per_channel=True)
-    notes, tensor_db = write(per_channel=False)
-    per_tensor = tensor_db >= channel_db - PER_TENSOR_MAX_LOSS_DB
-    if not per_tensor:
-        notes, _ = write(per_channel=True)
-    notes["weight_scales"] = {"chosen": "per-tensor" if per_tensor else "per-channel",
-                              "snr_db_per_channel": round(channel_db, 2), "snr_db_per_tensor": round(tensor_db, 2),
-                              "max_loss_db": PER_TENSOR_MAX_LOSS_DB, "calibration_batches": len(feeds)}
+    *faster, (best, per_channel, activation_matmuls) = DYNAMIC_SCHEMES
+    notes, best_db = write(per_channel, activation_matmuls)
+    snrs, chosen = {best: round(best_db, 2)}, best
+    for name, per_channel, activation_matmuls in faster:
+        if activation_matmuls and not has_activation_matmuls:
+            continue
+        notes, snrs[name] = write(per_channel, activation_matmuls)
+        if snrs[name] >= best_db - PER_TENSOR_MAX_LOSS_DB:
+            chosen = name
+            break
+    if chosen == best and len(snrs) > 1:            # dst holds a rejected scheme: write the yardstick again
+        notes, _ = write(*DYNAMIC_SCHEMES[-1][1:])
+    notes["int8_scheme"] = {"chosen": chosen, "snr_db": {k: round(v, 2) for k, v in snrs.items()},
+                            "max_loss_db": PER_TENSOR_MAX_LOSS_DB, "calibration_batches": len(feeds)}
     return notes
 
 
