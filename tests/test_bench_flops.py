@@ -1,6 +1,7 @@
 """The benchmark's FLOP yardstick (``bench.detokenize_flops``) against torch's own count of the matmuls the
 one-call decode module runs (``torch.utils.flop_counter``), for each guidance mode; and ``bench.matmul_split``
-(a one-call graph timed with and without its matmul nodes) against that yardstick and the whole graph."""
+(a one-call graph timed with and without its matmul nodes) against that yardstick and the whole graph; and
+``bench.measure_interleaved`` keeps ratios through a change of the machine's speed (a simulated clock)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from v2flow_rt.bench import detokenize_flops
+from v2flow_rt import bench
+from v2flow_rt.bench import detokenize_flops, measure, measure_interleaved, speedup
 from v2flow_rt.config import get_preset
 from v2flow_rt.reference.codecs import build_codec
 from v2flow_rt.reference.model import V2Flow
@@ -64,3 +66,28 @@ def test_matmul_split_refuses_a_graph_too_large_to_save_whole(default_export, mo
     monkeypatch.setattr(precision, "EXTERNAL_DATA_BYTES", 1000)     # the default graphs as if over 1.8 GB
     with pytest.raises(ArtifactError, match=r"detokenize.fp32.onnx: .* takes graphs under 2 GB"):
         matmul_split(default_export / "detokenize.fp32.onnx", {})
+
+
+def test_interleaved_timing_keeps_ratios_when_the_machine_slows_down(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two functions costing 2 and 1 time units on a simulated clock whose speed drops 3x partway through the
+    benchmark (at 0.3, 0.5 and 0.7 of it): timed one after the other their ratio is the drift's; interleaved,
+    the median of the per-round ratios is theirs (only the round with the change is off)."""
+    clock = {"now": 0.0, "calls": 0, "change": 0.0}
+
+    def cost(units: float) -> Any:
+        def run() -> None:
+            clock["calls"] += 1
+            clock["now"] += units * (3.0 if clock["calls"] > clock["change"] else 1.0) / 1e3
+        return run
+
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: clock["now"])
+    repeat, blocks = 25, 5
+    for at in (0.3, 0.5, 0.7):
+        clock.update(now=0.0, calls=0, change=at * 2 * (repeat + blocks))
+        times = measure_interleaved({"slow": cost(2.0), "fast": cost(1.0)}, repeat, blocks, settle_s=0.0)
+        assert clock["calls"] == 2 * (repeat + blocks)
+        assert speedup(times["slow"], times["fast"]) == pytest.approx(2.0), (at, times)
+    # timed one after the other, the ratio is the drift's, not theirs (and so is the ratio of medians)
+    clock.update(now=0.0, calls=0, change=repeat + 1)
+    slow, fast = measure(cost(2.0), 1, repeat), measure(cost(1.0), 1, repeat)
+    assert speedup(slow, fast) == pytest.approx(2.0 / 3.0)
