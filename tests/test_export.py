@@ -27,7 +27,7 @@ from v2flow_rt.data import HELDOUT_PHOTOS, eval_crops
 from v2flow_rt.errors import ArtifactError, ExportError, ParityError
 from v2flow_rt.export.folder import export_model
 from v2flow_rt.export.parity import FP32_MAX_REL, stage_parity
-from v2flow_rt.export.precision import ID_AGREEMENT_MIN, PER_TENSOR_MAX_LOSS_DB, convert_fp16, ort_session
+from v2flow_rt.export.precision import ID_AGREEMENT_MIN, INT8_MAX_LOSS_DB, convert_fp16, ort_session
 from v2flow_rt.export.validate import validate_folder
 from v2flow_rt.manifest import MANIFEST_NAME, PRECISIONS, Manifest
 from v2flow_rt.reference import stage_modules as M
@@ -314,7 +314,7 @@ def test_precisions_notes_and_quality(tiny: dict[str, Any]) -> None:
             continue
         best = scheme["snr_db"]["per-channel"]
         tried = [name for name in scheme["snr_db"] if name != "per-channel"]   # fastest first, up to the one kept
-        accepted = [name for name in tried if scheme["snr_db"][name] >= best - PER_TENSOR_MAX_LOSS_DB]
+        accepted = [name for name in tried if scheme["snr_db"][name] >= best - INT8_MAX_LOSS_DB]
         assert accepted == ([] if scheme["chosen"] == "per-channel" else [scheme["chosen"]]), (stage, scheme)
         assert scheme["chosen"] == "per-channel" or tried[-1] == scheme["chosen"], (stage, scheme)
         assert f"per_channel={scheme['chosen'] == 'per-channel'}" in notes["method"], (stage, notes)
@@ -690,7 +690,8 @@ def test_row_scatter_is_one_scatternd_in_the_graph_with_scatters_values(tmp_path
     batch, m = Dim("batch", min=1, max=8), Dim("m", min=1, max=12)
     path = tmp_path / "scatter.onnx"
     torch.onnx.export(Wrap(), (torch.randn(2, 12, 16), torch.tensor([[3, 0, 7], [1, 11, 4]]), torch.randn(2, 3, 16)),
-                      dynamo=True, dynamic_shapes={"base": {0: batch}, "rows": {0: batch, 1: m}, "values": {0: batch, 1: m}},
+                      dynamo=True,
+                      dynamic_shapes={"base": {0: batch}, "rows": {0: batch, 1: m}, "values": {0: batch, 1: m}},
                       input_names=["base", "rows", "values"]).save(str(path))
     ops = [n.op_type for n in onnx.load(str(path)).graph.node]
     assert "ScatterND" in ops and "ScatterElements" not in ops, ops

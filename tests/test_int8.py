@@ -1,6 +1,6 @@
 """Dynamic int8 weight scales (``export.precision``): an all-zero per-column weight zero point is stored as a
 scalar with the same numbers and the fused kernel kept; a float-output graph gets one weight scale per
-matrix only where that loses at most ``PER_TENSOR_MAX_LOSS_DB`` against per-column scales on its
+matrix only where that loses at most ``INT8_MAX_LOSS_DB`` against per-column scales on its
 calibration inputs."""
 
 from __future__ import annotations
@@ -12,10 +12,18 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from graph_fixtures import mlp_model
 from onnx import TensorProto, helper, numpy_helper
 
-from v2flow_rt.export.precision import (PER_TENSOR_MAX_LOSS_DB, _name_nodes, dynamic_int8, ort_session,
-                                        quantize_int8, scalar_zero_points, snr_db)
+from v2flow_rt.export.precision import (
+    INT8_MAX_LOSS_DB,
+    _name_nodes,
+    dynamic_int8,
+    ort_session,
+    quantize_int8,
+    scalar_zero_points,
+    snr_db,
+)
 
 
 def _mlp(path: Path, column_spread: float, seed: int = 0) -> Path:
@@ -29,13 +37,7 @@ def _mlp(path: Path, column_spread: float, seed: int = 0) -> Path:
     spread = np.exp(rng.uniform(-np.log(column_spread), 0.0, 200)) if column_spread > 1 else np.ones(200)
     w2 = (w2 / np.abs(w2).max(axis=0) * 0.3 * spread).astype(np.float32)
     b = (rng.standard_normal(200) * 0.01).astype(np.float32)
-    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
-             helper.make_node("MatMul", ["r", "w2"], ["m"]), helper.make_node("Add", ["m", "b"], ["y"])]
-    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["rows", 64])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["rows", 200])],
-                              [numpy_helper.from_array(a, n) for a, n in ((w1, "w1"), (w2, "w2"), (b, "b"))])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-    _name_nodes(model)
+    model = mlp_model(w1, w2, b)
     onnx.save_model(model, str(path))
     return path
 
@@ -104,9 +106,9 @@ def test_per_tensor_scales_only_where_they_cost_little(spread: float, chosen: st
     assert scheme["chosen"] == chosen, scheme
     assert set(scheme["snr_db"]) == ({"per-channel", "per-tensor"}), scheme
     loss = scheme["snr_db"]["per-channel"] - scheme["snr_db"]["per-tensor"]
-    assert (loss <= PER_TENSOR_MAX_LOSS_DB) == (chosen == "per-tensor"), scheme
+    assert (loss <= INT8_MAX_LOSS_DB) == (chosen == "per-tensor"), scheme
     if chosen == "per-channel":
-        assert loss > 3 * PER_TENSOR_MAX_LOSS_DB, scheme    # not a close call (measured 4.1 dB)
+        assert loss > 3 * INT8_MAX_LOSS_DB, scheme    # not a close call (measured 4.1 dB)
     # the graph written is the one chosen: one scale per matrix, or one per column
     model = onnx.load(str(tmp_path / "int8.onnx"))
     inits = {t.name: t for t in model.graph.initializer}
@@ -131,7 +133,8 @@ def _with_activation_matmul(path: Path, weight: float) -> Path:
              helper.make_node("Mul", ["ab", "c"], ["abc"]), helper.make_node("Add", ["m", "abc"], ["y"])]
     inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in
               (("x", ["rows", 64]), ("a", ["rows", 16]), ("b", [16, 32]))]
-    graph = helper.make_graph(nodes, "act", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["rows", 32])],
+    output = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["rows", 32])
+    graph = helper.make_graph(nodes, "act", inputs, [output],
                               [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2"),
                                numpy_helper.from_array(np.array(weight, np.float32), "c")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
@@ -160,7 +163,7 @@ def test_activation_matmuls_are_quantized_only_where_they_cost_little(weight: fl
     assert scheme["chosen"] == chosen, scheme
     best = scheme["snr_db"]["per-channel"]
     fastest = scheme["snr_db"]["per-tensor, activation matmuls too"]
-    assert (fastest >= best - PER_TENSOR_MAX_LOSS_DB) == (chosen == "per-tensor, activation matmuls too"), scheme
+    assert (fastest >= best - INT8_MAX_LOSS_DB) == (chosen == "per-tensor, activation matmuls too"), scheme
     ops = [n.op_type for n in onnx.load(str(tmp_path / "int8.onnx")).graph.node]
     assert ops.count("MatMulInteger") == (3 if chosen == "per-tensor, activation matmuls too" else 2), ops
     assert ops.count("MatMul") == (0 if chosen == "per-tensor, activation matmuls too" else 1), ops

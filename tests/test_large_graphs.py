@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from graph_fixtures import mlp_model
 from onnx import TensorProto, helper, numpy_helper
 
 from v2flow_rt.export.large import copy_large, quantize_matmuls
@@ -22,13 +23,7 @@ def _mlp(path: Path, seed: int = 0) -> Path:
     w1 = (rng.standard_normal((64, 300)) * 0.2).astype(np.float32)
     w2 = (rng.standard_normal((300, 200)) * rng.uniform(0.01, 1.0, 200)).astype(np.float32)  # columns differ
     b = rng.standard_normal(200).astype(np.float32)
-    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
-             helper.make_node("MatMul", ["r", "w2"], ["m"]), helper.make_node("Add", ["m", "b"], ["y"])]
-    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["rows", 64])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["rows", 200])],
-                              [numpy_helper.from_array(a, n) for a, n in ((w1, "w1"), (w2, "w2"), (b, "b"))])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-    _name_nodes(model)
+    model = mlp_model(w1, w2, b)
     onnx.save_model(model, str(path), save_as_external_data=True, location=path.name + ".data", size_threshold=0)
     return path
 

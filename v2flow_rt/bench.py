@@ -35,7 +35,7 @@ def measure(fn: Callable[[], Any], warmup: int = 1, repeat: int = 5) -> dict[str
 
 
 def measure_interleaved(fns: dict[str, Callable[[], Any]], repeat: int = 5, blocks: int = 5,
-                        settle_s: float = 0.1) -> dict[str, dict[str, float]]:
+                        settle_s: float = 0.1) -> dict[str, dict[str, Any]]:
     """``measure`` of several functions whose times are compared: ``blocks`` rounds, in each every function
     runs once untimed, then about ``repeat / blocks`` timed runs; each summary also holds its per-round
     medians (``block_median_ms``), from which ``speedup`` takes its ratio. A change of the machine's speed

@@ -159,7 +159,8 @@ def quantize_matmuls(src: Path, dst: Path, exclude: Sequence[str] = (), min_valu
             q = TensorProto(name=t.name + "_quantized", data_type=TensorProto.INT8, dims=list(t.dims))
             data.add(q, _quantized_rows(w, scale))
             new_inits += [q, numpy_helper.from_array(scale, t.name + "_scale"),
-                          numpy_helper.from_array(np.zeros((), np.int8), t.name + "_zero_point")]   # see scalar_zero_points
+                          # one scalar zero, as precision.scalar_zero_points stores it
+                          numpy_helper.from_array(np.zeros((), np.int8), t.name + "_zero_point")]
     except BaseException:
         data.f.close()
         raise

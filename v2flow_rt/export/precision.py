@@ -11,7 +11,7 @@ Precisions (the graph carries its precision; TensorRT 11 builds what it is given
   afterwards (``drop_round_trip_casts``), or a chain of fp32 nodes would still overflow between them.
 - ``int8``: ``quantize_dynamic`` (QInt8 weights of MatMul/Gemm with constant B); the fast CPU format. A
   graph with float outputs gets one weight scale per matrix, and its attention matmuls quantized too,
-  where that costs at most ``PER_TENSOR_MAX_LOSS_DB`` against a scale per column, measured against fp32 on
+  where that costs at most ``INT8_MAX_LOSS_DB`` against a scale per column, measured against fp32 on
   the calibration inputs (``dynamic_int8``); integer outputs (tokenizer ids) keep per-column scales.
 - ``int8-qdq``: ``quantize_static`` in symmetric per-channel QDQ format (QInt8 activations and weights,
   MinMax) calibrated on real photo crops of the TRAIN photos pushed through the fp32 stages (never the
@@ -73,9 +73,9 @@ QUANT_OPS_STATIC = ["MatMul", "Gemm", "Conv"]
 # and the attention's fp32 activation matmuls are another 5 % (measured, one thread). A faster scheme is
 # kept when its error against fp32 on the calibration inputs is at most this much above that of per-column
 # weight scales alone (1 dB: 26 % more error energy).
-PER_TENSOR_MAX_LOSS_DB = 1.0
+INT8_MAX_LOSS_DB = 1.0
 # Calibration batches the choice is measured on (the full-size fp32 decode takes seconds an image).
-PER_TENSOR_FEEDS = 2
+INT8_SCHEME_FEEDS = 2
 
 Feeds = dict[str, np.ndarray]
 
@@ -429,10 +429,10 @@ DYNAMIC_SCHEMES = (("per-tensor, activation matmuls too", False, True), ("per-te
 
 def dynamic_int8(src: Path, dst: Path, feeds: Sequence[Feeds], exclude: Sequence[str] = ()) -> dict[str, Any]:
     """Dynamic int8 of a float-output graph, the fastest of ``DYNAMIC_SCHEMES`` whose SNR against fp32 on (up
-    to ``PER_TENSOR_FEEDS`` of) the calibration ``feeds`` is within ``PER_TENSOR_MAX_LOSS_DB`` of per-channel
+    to ``INT8_SCHEME_FEEDS`` of) the calibration ``feeds`` is within ``INT8_MAX_LOSS_DB`` of per-channel
     weights'. Quantizing the attention's activation × activation matmuls too is tried only where the graph
     has some. Each scheme's SNR and the choice go in the notes (``int8_scheme``)."""
-    feeds = list(feeds)[:PER_TENSOR_FEEDS]
+    feeds = list(feeds)[:INT8_SCHEME_FEEDS]
     session = ort_session(src)
     reference = [o for f in feeds for o in _run(session, f) if o.dtype.kind == "f"]
     del session
@@ -453,13 +453,13 @@ def dynamic_int8(src: Path, dst: Path, feeds: Sequence[Feeds], exclude: Sequence
         if activation_matmuls and not has_activation_matmuls:
             continue
         notes, snrs[name] = write(per_channel, activation_matmuls)
-        if snrs[name] >= best_db - PER_TENSOR_MAX_LOSS_DB:
+        if snrs[name] >= best_db - INT8_MAX_LOSS_DB:
             chosen = name
             break
     if chosen == best and len(snrs) > 1:            # dst holds a rejected scheme: write the yardstick again
         notes, _ = write(*DYNAMIC_SCHEMES[-1][1:])
     notes["int8_scheme"] = {"chosen": chosen, "snr_db": {k: round(v, 2) for k, v in snrs.items()},
-                            "max_loss_db": PER_TENSOR_MAX_LOSS_DB, "calibration_batches": len(feeds)}
+                            "max_loss_db": INT8_MAX_LOSS_DB, "calibration_batches": len(feeds)}
     return notes
 
 
