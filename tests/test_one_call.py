@@ -82,7 +82,8 @@ def test_manifest_records_what_the_graph_bakes_in(guided: dict[str, Any]) -> Non
 def test_int8_graphs_quantize_every_weight_matmul(guided: dict[str, Any]) -> None:
     """The exporter writes a Linear shared by the unrolled iterations (and one on a 3-D input) as
     MatMul(x, Transpose(W)); with the weight folded (``export.large.fold_constant_transposes``) every weight
-    matmul is quantized, as in the stage graphs. Left in fp32: attention's activation × activation."""
+    matmul is quantized, as in the stage graphs; attention's activation × activation matmuls too where the
+    export's measured int8 scheme says so (``int8_scheme``), else they stay fp32."""
     import onnx
 
     for stage in ("detokenize", "mar_step", "ode"):
@@ -95,7 +96,11 @@ def test_int8_graphs_quantize_every_weight_matmul(guided: dict[str, Any]) -> Non
         int8_weights = {t.name for t in int8.graph.initializer}
         left = [n.name for n in int8.graph.node if n.op_type in ("MatMul", "Gemm") and n.input[1] in int8_weights]
         assert not left, (stage, left)
-        assert sum(n.op_type == "MatMulInteger" for n in int8.graph.node) == len(weight_matmuls), stage
+        activation = [n for n in fp32.graph.node if n.op_type == "MatMul" and n.input[1] not in weights]
+        scheme = guided["manifest"].precision_notes["int8"][stage]["int8_scheme"]["chosen"]
+        expected = len(weight_matmuls) + (len(activation) if "activation matmuls" in scheme else 0)
+        assert sum(n.op_type == "MatMulInteger" for n in int8.graph.node) == expected, (stage, scheme)
+        assert sum(n.op_type == "MatMul" for n in int8.graph.node) == len(activation) - (expected - len(weight_matmuls))
 
 
 def test_one_call_equals_the_loop_on_the_same_engine(guided: dict[str, Any]) -> None:
