@@ -520,7 +520,7 @@ def convert_stage(precision: str, spec: StageSpec, src: Path, dst: Path, feeds: 
                           f"{graph_bytes(src) / 1e9:.1f} GB in external data; "
                           f"int8 (streamed per-channel weights) is the reduced precision for it"}
     _name_nodes(model)
-    integer_out = any(t.dtype.startswith("int") for t in spec.outputs)
+    integer_out = _integer_output(spec)
     work = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{spec.name}.{precision}."))
     ranges: dict[str, float] | None = None
 
@@ -546,11 +546,15 @@ def convert_stage(precision: str, spec: StageSpec, src: Path, dst: Path, feeds: 
         shutil.rmtree(work, ignore_errors=True)
 
 
+def _integer_output(spec: StageSpec) -> bool:
+    """Whether a stage outputs integers (tokenizer ids): reduced precision is measured by id agreement."""
+    return any(t.dtype.startswith("int") for t in spec.outputs)
+
+
 def _convert_measured(spec: StageSpec, model: onnx.ModelProto, src: Path, dst: Path, feeds: Sequence[Feeds],
                       build: Callable[[Sequence[str]], dict[str, Any]]) -> dict[str, Any]:
     """``build(())``, or for an integer output the exclusion ladder (see ``convert_stage``)."""
-    integer_out = any(t.dtype.startswith("int") for t in spec.outputs)
-    if not integer_out or not feeds:
+    if not _integer_output(spec) or not feeds:
         return build(())
     # Integer output (tokenizer ids): measure, and keep the matmuls next to the argmax in fp32 until the
     # ids agree with fp32 on the calibration inputs (or report the best that could be reached).
