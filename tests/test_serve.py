@@ -95,6 +95,23 @@ def _seed_input(module, seeds: list[int]):
     return inp
 
 
+def _batch_counts(client, model: str, token: str, at_least: int, wait_s: float = 10.0) -> dict[int, int]:
+    """{batch size: executions} from Triton's statistics for `model`.
+
+    Triton records a batch's statistics once the backend has finished it, which can be after its responses
+    reached the client (CI once read 48 of 64 requests right after the last answer): read again, for at most
+    `wait_s`, until they cover `at_least` requests.
+    """
+    deadline = time.monotonic() + wait_s
+    while True:
+        stats = client.get_inference_statistics(model, headers={"triton-access-token": token})
+        batches = {int(b["batch_size"]): int(b["compute_infer"]["count"])
+                   for b in stats["model_stats"][0]["batch_stats"]}
+        if sum(size * count for size, count in batches.items()) >= at_least or time.monotonic() > deadline:
+            return batches
+        time.sleep(0.1)
+
+
 def test_concurrent_requests_equal_the_in_process_pipeline_and_are_batched(server, images, pipe) -> None:
     from v2flow_rt.data import decode_image
 
@@ -120,9 +137,8 @@ def test_concurrent_requests_equal_the_in_process_pipeline_and_are_batched(serve
         assert done.acquire(timeout=120)
     np.testing.assert_array_equal(np.stack([got[i] for i in range(len(images))]), want)
 
-    stats = http.get_inference_statistics("tokenize", headers={"triton-access-token": server["token"]})
-    batches = {int(b["batch_size"]): int(b["compute_infer"]["count"]) for b in stats["model_stats"][0]["batch_stats"]}
-    assert sum(size * count for size, count in batches.items()) >= len(images)
+    batches = _batch_counts(http, "tokenize", server["token"], at_least=len(images))
+    assert sum(size * count for size, count in batches.items()) >= len(images), batches
     assert max(batches) > 1, batches                                     # the dynamic batcher grouped requests
 
     # decoding: each request on its own seed, whatever it is batched with
