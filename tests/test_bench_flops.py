@@ -28,15 +28,16 @@ from v2flow_rt.sampling import SamplerSettings, seeded_randomness
 def test_decode_flops_match_torchs_count(overrides: dict[str, Any]) -> None:
     cfg = get_preset("tiny", **overrides)
     settings = SamplerSettings.from_config(cfg)
-    module = Detokenize(V2Flow(cfg).eval(), build_codec(cfg), settings)
+    module = Detokenize(V2Flow(cfg).eval(), build_codec(cfg), settings, max_batch=2)
     orders, noise = seeded_randomness(0, 2, cfg.num_tokens, cfg.token_dim, settings.num_iter)
     args = [torch.randint(0, cfg.codebook_size, (2, cfg.num_tokens)), torch.from_numpy(orders),
             torch.from_numpy(noise)] + ([torch.tensor([3.0])] if settings.guided else [])
     # The math attention kernel is plain matmuls, which the counter sees (it skips CPU flash attention).
     with FlopCounterMode(display=False) as counter, torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
         module(*args)
-    # The formula counts every matmul (the rest is elementwise): equal, to 0.1 % for float rounding.
-    assert detokenize_flops(cfg, 2, settings) == pytest.approx(counter.get_total_flops(), rel=1e-3)
+    # The formula counts every matmul (the rest is elementwise): equal (the token embedding's 0.1 % was once
+    # missed inside a 0.1 % tolerance).
+    assert detokenize_flops(cfg, 2, settings) == counter.get_total_flops()
 
 
 def test_matmul_split_runs_the_same_decode_and_removes_exactly_its_matmuls(default_export) -> None:

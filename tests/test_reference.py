@@ -11,7 +11,7 @@ from conftest import official_small_config
 from reference_loop import official_sample_tokens, velocity_float64
 
 from v2flow_rt.config import get_preset
-from v2flow_rt.errors import ConfigError, ShapeError
+from v2flow_rt.errors import ConfigError, ExportError, ShapeError
 from v2flow_rt.reference.model import V2Flow, keep_indices
 from v2flow_rt.reference.resampler import rotate_to
 from v2flow_rt.sampling import SamplerSettings, seeded_randomness
@@ -129,26 +129,57 @@ def test_decoder_at_the_predicted_positions_equals_the_full_decoder_there(known:
     torch.testing.assert_close(ours, want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("solver", ["euler", "dpm++2m"])
-def test_fused_ode_velocity_with_stacked_modulations_equals_float64(live_tiny_model: V2Flow, solver: str) -> None:
-    """The fused ODE graphs compute every adaLN modulation of an evaluation in one matmul, ``1 +`` folded
-    into the scale biases: against the official velocity net in float64 at each of the grid's σ."""
+@pytest.mark.parametrize("group", [1, 4, None], ids=["per-evaluation", "groups-of-4", "all-at-once"])
+@pytest.mark.parametrize("solver", ["euler", "dpm++2m", "heun"])
+def test_fused_ode_velocity_with_hoisted_modulations_equals_float64(live_tiny_model: V2Flow, solver: str,
+                                                                    group: int | None) -> None:
+    """The fused ODE graphs compute the adaLN modulations of several σ in one matmul (every modulation
+    Linear stacked, ``1 +`` folded into the scale biases): against the official velocity net in float64 at
+    each σ the solver evaluates, asked for in the solver's order, with groups of 1, 4 (6 σ: one short
+    group) and all 6."""
     from v2flow_rt.reference.stage_modules import Ode
-    from v2flow_rt.sampling.solvers import sigma_grid
+    from v2flow_rt.sampling.solvers import evaluated_sigmas, sigma_grid
 
     cfg = live_tiny_model.config
-    ode = Ode(live_tiny_model, solver, 6, 3.0).eval()
+    ode = Ode(live_tiny_model, solver, 6, 3.0, max_rows=7).eval()
+    sigmas = evaluated_sigmas(solver, sigma_grid(6, 3.0))
+    assert ode.group == len(sigmas) == 6                        # 7 rows: far within the memory budget
+    ode.group = group or ode.group
     gen = torch.Generator().manual_seed(5)
     x = torch.randn(7, cfg.token_dim, generator=gen)
     z = torch.randn(7, cfg.decoder_dim, generator=gen)
-    for sigma in sigma_grid(6, 3.0)[:-1]:
-        with torch.no_grad():
-            got = ode._velocity(x, ode.net.cond_embed(z) + ode._t_emb(float(sigma))).numpy()
-        t = np.full(7, np.float32(float(sigma) * 1000.0))
+    with torch.no_grad():
+        mods = ode._modulations(ode.net.cond_embed(z))
+        got = {sigma: ode.net.from_modulation(x, mods(sigma)).numpy() for sigma in sigmas}
+    for sigma in sigmas:
+        t = np.full(7, np.float32(sigma * 1000.0))
         ref = velocity_float64(live_tiny_model, x.numpy(), t, z.numpy())
         assert ref.std() > 1e-2                                     # not a fresh model's zero output
         # float32 against float64 through a few layers (time embedding arguments up to 1000 rad), as above.
-        assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max()
+        assert np.abs(got[sigma] - ref).max() <= 1e-4 * np.abs(ref).max()
+
+
+def test_hoisted_modulation_groups_follow_the_memory_budget(live_tiny_model: V2Flow) -> None:
+    """A group of evaluations' modulations is one [G, rows, (3·depth + 2)·W] tensor: G shrinks as the rows a
+    graph is built for grow (guided graphs run twice the rows), down to one evaluation at a time."""
+    from v2flow_rt.reference import stage_modules as M
+
+    cfg = live_tiny_model.config
+    per_row = (3 * cfg.flow_depth + 2) * cfg.flow_width * 4                  # bytes of one row's modulations
+    rows = M.HOISTED_MODULATION_BYTES // (3 * per_row)                      # three evaluations' worth
+    assert M.Ode(live_tiny_model, "dpm++2m", 10, 3.0, max_rows=rows).group == 3
+    assert M.OdeCfg(live_tiny_model, "dpm++2m", 10, 3.0, max_rows=rows).group == 1
+    assert M.Ode(live_tiny_model, "dpm++2m", 10, 3.0, max_rows=100 * rows).group == 1
+    assert M.Ode(live_tiny_model, "heun", 10, 3.0, max_rows=1).group == 10   # heun: 19 evaluations, 10 σ
+
+
+def test_fused_ode_refuses_a_sigma_its_solver_dry_run_did_not_see(live_tiny_model: V2Flow) -> None:
+    from v2flow_rt.reference.stage_modules import Ode
+
+    ode = Ode(live_tiny_model, "euler", 6, 3.0, max_rows=4).eval()
+    mods = ode._modulations(torch.zeros(4, live_tiny_model.config.flow_width))
+    with pytest.raises(ExportError, match="σ=0.5, which its dry run"):
+        mods(0.5)
 
 
 def test_keep_indices_requires_equal_known_counts() -> None:

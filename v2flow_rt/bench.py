@@ -24,6 +24,7 @@ from .fileio import atomic_write
 from .metrics import psnr
 from .pipeline import V2FlowPipeline
 from .sampling import SamplerSettings, evaluations, tokens_per_iteration
+from .sampling.solvers import evaluated_sigmas, sigma_grid
 from .stages import ONE_CALL_STAGES
 
 
@@ -101,18 +102,30 @@ def matmul_peak(n: int = 1024, repeat: int = 7, threads: int | None = None) -> d
 
 
 def velocity_flops_per_eval(cfg: V2FlowConfig) -> float:
-    """Matmul FLOPs of one velocity evaluation per token row, as the fused ODE graph runs it (the
-    condition embedding is hoisted out of the step loop and the time embeddings are constants)."""
-    w, c, d = cfg.flow_width, cfg.token_dim, cfg.flow_depth
-    per_block = 3 * w * w + 2 * w * w                      # adaLN modulation + MLP
-    return 2.0 * (c * w + d * per_block + 2 * w * w + w * c)
+    """Matmul FLOPs of one velocity-net call per token row, all of it (the ``velocity`` stage)."""
+    return modulation_flops(cfg) + state_flops(cfg)
+
+
+def modulation_flops(cfg: V2FlowConfig) -> float:
+    """Per token row and σ: the adaLN modulations (3 per block, 2 for the final layer), which depend on
+    (σ, condition) only."""
+    w = cfg.flow_width
+    return 2.0 * (3 * cfg.flow_depth + 2) * w * w
+
+
+def state_flops(cfg: V2FlowConfig) -> float:
+    """Per token row and evaluation: the matmuls on the state (input projection, block MLPs, output)."""
+    w, c = cfg.flow_width, cfg.token_dim
+    return 2.0 * (c * w + cfg.flow_depth * 2 * w * w + w * c)
 
 
 def ode_flops(cfg: V2FlowConfig, rows: int, steps: int, solver: str, guided: bool = False) -> float:
-    """One fused ODE solve of ``rows`` tokens: every evaluation of the velocity net, and the condition
-    embedding once."""
-    evals = evaluations(solver, steps) * (2 if guided else 1)
-    return rows * (evals * velocity_flops_per_eval(cfg) + 2.0 * cfg.decoder_dim * cfg.flow_width * (2 if guided else 1))
+    """One fused ODE solve of ``rows`` tokens as the fused graph runs it: the condition embedding once, the
+    modulations once per distinct σ the solver evaluates, the state's matmuls at every evaluation."""
+    copies = 2 if guided else 1
+    sigmas = len(evaluated_sigmas(solver, sigma_grid(steps)))
+    return rows * copies * (evaluations(solver, steps) * state_flops(cfg) + sigmas * modulation_flops(cfg)
+                            + 2.0 * cfg.decoder_dim * cfg.flow_width)
 
 
 def mar_step_flops(cfg: V2FlowConfig, batch: int, known: int, predicted: int | None = None) -> float:
@@ -135,10 +148,12 @@ def mar_step_flops(cfg: V2FlowConfig, batch: int, known: int, predicted: int | N
 
 
 def detokenize_flops(cfg: V2FlowConfig, batch: int, settings: SamplerSettings) -> float:
-    """Matmul FLOPs of one whole decode of ``batch`` images: each masked-AR iteration's masked transformer
-    (twice with ``mar`` guidance) and the ODE solve of the tokens it predicts, as the one-call graph runs them.
+    """Matmul FLOPs of one whole decode of ``batch`` images: the ids' embedding, each masked-AR iteration's
+    masked transformer (twice with ``mar`` guidance) and the ODE solve of the tokens it predicts, as the
+    one-call graph runs them.
     Divided by a matmul peak it is the least time any engine can take for the decode."""
-    total, known = 0.0, 0
+    total = 2.0 * batch * cfg.num_tokens * cfg.llm_dim * cfg.encoder_dim      # token_embed's projector
+    known = 0
     passes = 2 if settings.guided and settings.cfg_mode == "mar" else 1
     for m in tokens_per_iteration(cfg.num_tokens, settings.num_iter):
         total += passes * mar_step_flops(cfg, batch, known, predicted=m)

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from ..sampling import SamplerSettings, cfg_weight, mask_lengths
+from ..sampling import SamplerSettings, cfg_weight, mask_lengths, tokens_per_iteration
 from .model import V2Flow
 from .stage_modules import Codec, CodecDecode, CodecEncode, MarStep, Ode, OdeCfg, TokenEmbed, Tokenizer
 from .transformer import scatter_rows
@@ -52,9 +52,12 @@ class Tokenize(nn.Module):
 
 
 class Detokenize(nn.Module):
-    """ids [B, N], orders [B, N], noise [B, N, C] (, cfg_scale [1]) → images [B, 3, S, S]."""
+    """ids [B, N], orders [B, N], noise [B, N, C] (, cfg_scale [1]) → images [B, 3, S, S].
 
-    def __init__(self, model: V2Flow, codec: Codec, settings: SamplerSettings) -> None:
+    ``max_batch``: the most images one call takes; with the largest iteration's token count it bounds the
+    rows of one ODE solve, and so how many evaluations' modulations one matmul computes (``_FusedOde``)."""
+
+    def __init__(self, model: V2Flow, codec: Codec, settings: SamplerSettings, max_batch: int) -> None:
         super().__init__()
         cfg = model.config
         self.settings = settings.check()
@@ -66,10 +69,11 @@ class Detokenize(nn.Module):
         if self.guided and settings.cfg_mode == "official" and cfg.encoder_dim != cfg.decoder_dim:
             raise ConfigError(f"official CFG feeds fake_latent (dim {cfg.encoder_dim}) to the velocity net, whose "
                               f"condition dim is {cfg.decoder_dim}; use cfg_mode='mar'")
-        solver, steps, shift = settings.solver, settings.steps, settings.shift
-        self.ode = OdeCfg(model, solver, steps, shift) if self.guided else Ode(model, solver, steps, shift)
-        self.register_buffer("fake_latent", model.fake_latent.detach().reshape(-1).clone())   # (D,)
         self.lengths = mask_lengths(cfg.num_tokens, settings.num_iter)
+        most = max_batch * max(tokens_per_iteration(cfg.num_tokens, settings.num_iter))   # rows of one solve
+        ode = OdeCfg if self.guided else Ode
+        self.ode = ode(model, settings.solver, settings.steps, settings.shift, max_rows=most)
+        self.register_buffer("fake_latent", model.fake_latent.detach().reshape(-1).clone())   # (D,)
         self.weights = [cfg_weight(settings.cfg_schedule, cfg.num_tokens, n) for n in self.lengths]
 
     def forward(self, ids: torch.Tensor, orders: torch.Tensor, noise: torch.Tensor,

@@ -13,10 +13,11 @@ computes, in the same order of operations except where noted below:
 | ``Ode`` / ``OdeCfg`` | ``sampling.integrate`` over ``V2Flow.velocity`` (the host solver, all steps unrolled) |
 
 The fused ODE graphs call the very solver functions of ``sampling.solvers`` on torch tensors, so the
-solver math exists once. What does not change between steps is hoisted: ``cond_embed(z)`` runs once per
-call and the K time embeddings are computed at construction and stored as constants. Each evaluation
-computes all of the velocity net's adaLN modulations in one matmul (``SimpleMLPAdaLN.stacked_modulation``,
-stacked at construction); the values are the reference's up to float rounding.
+solver math exists once. What does not depend on the state x is hoisted out of the steps: ``cond_embed(z)``
+runs once per call, the time embeddings of the σ the solver evaluates are constants computed at
+construction, and the adaLN modulations, which depend on (σ, z) only, are computed for several σ in one
+matmul (all of the velocity net's modulation Linears stacked into one, ``SimpleMLPAdaLN.stacked_modulation``,
+over the rows of ``group`` evaluations at once). The values are the reference's up to float rounding.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from torch import nn
 from ..config import V2FlowConfig
 from ..errors import BackendUnavailable, ExportError
 from ..sampling import SamplerSettings
-from ..sampling.solvers import SOLVER_FUNCS, sigma_grid
+from ..sampling.solvers import SOLVER_FUNCS, evaluated_sigmas, sigma_grid
 from ..stages import BAKED_SAMPLER_FIELDS, ONE_CALL_STAGES, STAGE_NAMES, StageSpec
 from .codecs import DCAECodec, PatchCodec, build_codec
 from .model import V2Flow
@@ -122,38 +123,62 @@ class Velocity(nn.Module):
         return self.net(x, t, c)
 
 
-class _FusedOde(nn.Module):
-    """Shared part of the fused ODE graphs: the velocity net with the per-step time embedding as a constant."""
+# A matmul over the adaLN modulations of G evaluations writes G · rows · (3·depth + 2)·W floats: G is the
+# most evaluations whose block stays within this at the largest row count the graph is built for.
+HOISTED_MODULATION_BYTES = 512 * 2**20
 
-    def __init__(self, model: V2Flow, solver: str, steps: int, shift: float) -> None:
+
+class _FusedOde(nn.Module):
+    """Shared part of the fused ODE graphs: the solver over the velocity net, with the time embeddings as
+    constants and the modulations of ``group`` evaluations per matmul.
+
+    ``max_rows``: the most token rows one call takes (noise rows; a guided call runs twice as many through
+    the net), which bounds ``group`` by ``HOISTED_MODULATION_BYTES``."""
+
+    copies = 1                                          # rows through the velocity net per noise row
+
+    def __init__(self, model: V2Flow, solver: str, steps: int, shift: float, *, max_rows: int) -> None:
         super().__init__()
         if solver not in SOLVER_FUNCS:
             raise ExportError(f"unknown solver {solver!r}; choose one of {sorted(SOLVER_FUNCS)}")
         self.net: SimpleMLPAdaLN = model.flowloss.net
         self.solver, self.steps, self.shift = solver, steps, shift
         sigmas = sigma_grid(steps, shift)
+        evaluated = evaluated_sigmas(solver, sigmas)
         # The host loop feeds t = float32(σ·1000) per row (sampling.loop.guided_velocity); the same float32
         # value here gives the same embedding, bit for bit, as the reference velocity call.
-        t = torch.tensor([float(s) * 1000.0 for s in sigmas], dtype=torch.float32)
+        t = torch.tensor([s * 1000.0 for s in evaluated], dtype=torch.float32)
         with torch.no_grad():
-            emb = self.net.time_embed(t)                                      # (K+1, W)
+            emb = self.net.time_embed(t)                                      # (E, W)
             mod_weight, mod_bias = self.net.stacked_modulation()
         self.register_buffer("time_emb", emb.detach().clone())
         self.register_buffer("mod_weight", mod_weight.detach().clone())     # [(3·depth + 2)·W, W]
         self.register_buffer("mod_bias", mod_bias.detach().clone())
-        self._index = {float(s): i for i, s in enumerate(sigmas)}
+        self._index = {s: i for i, s in enumerate(evaluated)}
+        per_eval = max(1, max_rows) * self.copies * mod_weight.shape[0] * mod_bias.element_size()
+        self.group = max(1, min(len(evaluated), HOISTED_MODULATION_BYTES // per_eval))
         # Plain Python floats: no numpy inside forward, so torch.compile traces the loop cleanly.
         self._sigmas = tuple(float(s) for s in sigmas)
 
-    def _t_emb(self, sigma: float) -> torch.Tensor:
-        i = self._index.get(sigma)
-        if i is None:  # the solvers only evaluate at grid points; anything else is a solver change
-            raise ExportError(f"solver {self.solver!r} evaluated σ={sigma}, which is not on the {self.steps}-step grid")
-        return self.time_emb[i: i + 1]                                        # (1, W)
+    def _modulations(self, c_emb: torch.Tensor) -> Callable[[float], torch.Tensor]:
+        """σ → every adaLN modulation of the rows of ``c_emb`` (the condition embedding) at σ [M, (3·depth +
+        2)·W]. Evaluations are grouped in the solver's order, ``group`` to a group, and a group's
+        modulations are computed in one matmul when its first σ is asked for."""
+        done: dict[int, torch.Tensor] = {}
 
-    def _velocity(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """The body of ``SimpleMLPAdaLN.forward`` after the condition y is formed, modulations stacked."""
-        return self.net.from_modulation(x, F.linear(F.silu(y), self.mod_weight, self.mod_bias))
+        def at(sigma: float) -> torch.Tensor:
+            i = self._index.get(sigma)
+            if i is None:  # the solvers only evaluate where the dry run saw them; anything else is a solver change
+                raise ExportError(f"solver {self.solver!r} evaluated σ={sigma}, which its dry run on the "
+                                  f"{self.steps}-step grid did not")
+            if i not in done:
+                first = i - i % self.group
+                y = c_emb.unsqueeze(0) + self.time_emb[first:first + self.group].unsqueeze(1)   # (G, M, W)
+                mods = F.linear(F.silu(y), self.mod_weight, self.mod_bias)                    # (G, M, ·)
+                done.update(zip(range(first, first + mods.shape[0]), mods.unbind(0)))
+            return done[i]
+
+        return at
 
     def _solve(self, f: Callable[[torch.Tensor, float], torch.Tensor], noise: torch.Tensor) -> torch.Tensor:
         # Same solver function as ``sampling.integrate(solver, f, x, steps, shift)``, on the same grid.
@@ -164,10 +189,10 @@ class Ode(_FusedOde):
     """noise [M, C], z [M, Dz] → x0 [M, C]: every solver step in one graph."""
 
     def forward(self, noise: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        c_emb = self.net.cond_embed(z)                                        # (M, W), once per call
+        mods = self._modulations(self.net.cond_embed(z))                      # cond_embed once per call
 
         def f(x: torch.Tensor, sigma: float) -> torch.Tensor:
-            return self._velocity(x, c_emb + self._t_emb(sigma))
+            return self.net.from_modulation(x, mods(sigma))
 
         return self._solve(f, noise)
 
@@ -179,13 +204,15 @@ class OdeCfg(_FusedOde):
     as ``sampling.loop.guided_velocity`` does on the host.
     """
 
+    copies = 2
+
     def forward(self, noise: torch.Tensor, z: torch.Tensor, z_uncond: torch.Tensor,
                 cfg_scale: torch.Tensor) -> torch.Tensor:
         m = noise.shape[0]
-        c_emb = self.net.cond_embed(torch.cat([z, z_uncond], dim=0))          # (2M, W), once per call
+        mods = self._modulations(self.net.cond_embed(torch.cat([z, z_uncond], dim=0)))   # (2M) rows
 
         def f(x: torch.Tensor, sigma: float) -> torch.Tensor:
-            v = self._velocity(torch.cat([x, x], dim=0), c_emb + self._t_emb(sigma))   # (2M, C)
+            v = self.net.from_modulation(torch.cat([x, x], dim=0), mods(sigma))          # (2M, C)
             v_c, v_u = v[:m], v[m:]
             return v_u + cfg_scale * (v_c - v_u)
 
@@ -208,7 +235,8 @@ def stage_module(name: str, model: V2Flow, spec: StageSpec, codec: Codec | None 
         mod = Velocity(model)
     elif name in ("ode", "ode_cfg"):
         cls = Ode if name == "ode" else OdeCfg
-        mod = cls(model, str(spec.attrs["solver"]), int(spec.attrs["steps"]), float(spec.attrs["shift"]))
+        mod = cls(model, str(spec.attrs["solver"]), int(spec.attrs["steps"]), float(spec.attrs["shift"]),
+                  max_rows=spec.dims["rows"][2])
     elif name in ONE_CALL_STAGES:
         from .one_call import Detokenize, Tokenize
 
@@ -219,7 +247,7 @@ def stage_module(name: str, model: V2Flow, spec: StageSpec, codec: Codec | None 
         else:
             fields = {k: spec.attrs[k] for k in BAKED_SAMPLER_FIELDS if k != "guided"}
             settings = SamplerSettings(**fields, cfg_scale=2.0 if spec.attrs["guided"] else 1.0)
-            mod = Detokenize(model, codec, settings)
+            mod = Detokenize(model, codec, settings, max_batch=spec.dims["batch"][2])
     else:
         raise ExportError(f"unknown stage {name!r}; stages are {list(STAGE_NAMES)}")
     return mod.eval()

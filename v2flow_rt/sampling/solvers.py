@@ -89,6 +89,21 @@ def dpm_solver_pp_2m(f: Callable[[T, float], T], x: T, sigmas: np.ndarray) -> T:
 SOLVER_FUNCS = {"euler": euler, "heun": heun, "dpm++2m": dpm_solver_pp_2m}
 
 
+def evaluated_sigmas(solver: str, sigmas: np.ndarray) -> tuple[float, ...]:
+    """The distinct σ at which ``solver`` evaluates the velocity on the grid ``sigmas``, in order of first
+    use (a dry run on a scalar state: the solvers branch on σ, never on the state)."""
+    if solver not in SOLVER_FUNCS:
+        raise ConfigError(f"unknown solver {solver!r}; choose one of {sorted(SOLVER_FUNCS)}")
+    seen: dict[float, None] = {}
+
+    def record(x: float, sigma: float) -> float:
+        seen.setdefault(sigma, None)
+        return 0.0
+
+    SOLVER_FUNCS[solver](record, 0.0, sigmas)
+    return tuple(seen)
+
+
 def evaluations(solver: str, steps: int) -> int:
     """Velocity-net evaluations one ODE solve costs (per token, before guidance doubling)."""
     if solver == "heun":
