@@ -24,7 +24,7 @@ import numpy as np
 
 from ..errors import ConfigError, ShapeError
 from .schedule import mask_from_order, mask_lengths, random_orders
-from .solvers import SOLVER_FUNCS, integrate
+from .solvers import integrate, solver_func
 
 
 class Stages(Protocol):
@@ -91,8 +91,7 @@ class SamplerSettings:
         return replace(base, **{k: v for k, v in overrides.items() if v is not None}).check()
 
     def check(self) -> "SamplerSettings":
-        if self.solver not in SOLVER_FUNCS:
-            raise ConfigError(f"unknown solver {self.solver!r}; choose one of {sorted(SOLVER_FUNCS)}")
+        solver_func(self.solver)                          # ConfigError naming the choices
         if self.cfg_mode not in ("official", "mar"):
             raise ConfigError(f"cfg_mode must be 'official' or 'mar', got {self.cfg_mode!r}")
         if self.cfg_schedule not in ("constant", "linear"):

@@ -89,18 +89,23 @@ def dpm_solver_pp_2m(f: Callable[[T, float], T], x: T, sigmas: np.ndarray) -> T:
 SOLVER_FUNCS = {"euler": euler, "heun": heun, "dpm++2m": dpm_solver_pp_2m}
 
 
+def solver_func(solver: str) -> Callable[..., Any]:
+    """The solver function named ``solver`` (ConfigError naming the choices otherwise)."""
+    if solver not in SOLVER_FUNCS:
+        raise ConfigError(f"unknown solver {solver!r}; choose one of {sorted(SOLVER_FUNCS)}")
+    return SOLVER_FUNCS[solver]
+
+
 def evaluated_sigmas(solver: str, sigmas: np.ndarray) -> tuple[float, ...]:
     """The distinct σ at which ``solver`` evaluates the velocity on the grid ``sigmas``, in order of first
     use (a dry run on a scalar state: the solvers branch on σ, never on the state)."""
-    if solver not in SOLVER_FUNCS:
-        raise ConfigError(f"unknown solver {solver!r}; choose one of {sorted(SOLVER_FUNCS)}")
     seen: dict[float, None] = {}
 
     def record(x: float, sigma: float) -> float:
         seen.setdefault(sigma, None)
         return 0.0
 
-    SOLVER_FUNCS[solver](record, 0.0, sigmas)
+    solver_func(solver)(record, 0.0, sigmas)
     return tuple(seen)
 
 
@@ -113,6 +118,4 @@ def evaluations(solver: str, steps: int) -> int:
 
 def integrate(solver: str, f: Callable[[T, float], T], x: T, steps: int, shift: float) -> T:
     """Integrate dx/dσ = f(x, σ) from σ_max to 0 with a named solver; ``f`` receives σ (not σ·1000)."""
-    if solver not in SOLVER_FUNCS:
-        raise ConfigError(f"unknown solver {solver!r}; choose one of {sorted(SOLVER_FUNCS)}")
-    return SOLVER_FUNCS[solver](f, x, sigma_grid(steps, shift))
+    return solver_func(solver)(f, x, sigma_grid(steps, shift))
