@@ -103,6 +103,29 @@ def test_int8_graphs_quantize_every_weight_matmul(guided: dict[str, Any]) -> Non
         assert sum(n.op_type == "MatMul" for n in int8.graph.node) == len(activation) - (expected - len(weight_matmuls))
 
 
+def test_fused_odes_split_their_modulations_once_per_group(guided: dict[str, Any]) -> None:
+    """The modulation matmul's rows are laid out (row, σ), so one Split of 2-D pieces gives every chunk of
+    every σ of a group: in the exported graphs one Split per group of evaluations per solve, with (3·depth
+    + 2) outputs per σ of the group, and none per σ (the (σ, row) layout split the block by σ, then each σ
+    by chunk)."""
+    import onnx
+
+    from v2flow_rt.sampling.solvers import evaluated_sigmas, sigma_grid
+
+    model, m = guided["model"], guided["manifest"]
+    chunks = 3 * model.config.flow_depth + 2
+    attrs = m.stages["detokenize"]["attrs"]
+    for stage, solves in (("detokenize", attrs["num_iter"]), ("ode_cfg", 1), ("ode", 1)):
+        a = m.stages[stage]["attrs"]
+        evals = len(evaluated_sigmas(a["solver"], sigma_grid(a["steps"], a["shift"])))
+        module = stage_module(stage, model, m.spec(stage))
+        group = module.ode.group if stage == "detokenize" else module.group
+        sizes = [min(group, evals - first) * chunks for first in range(0, evals, group)]
+        graph = onnx.load(str(m.path(stage, "fp32"))).graph
+        splits = sorted(len(n.output) for n in graph.node if n.op_type == "Split" and len(n.output) >= chunks)
+        assert splits == sorted(sizes * solves), (stage, group, evals)
+
+
 def test_one_call_equals_the_loop_on_the_same_engine(guided: dict[str, Any]) -> None:
     pipe = V2FlowPipeline.from_pretrained(guided["folder"], backend="ort")
     ids = np.random.default_rng(5).integers(0, 4096, (3, 64))

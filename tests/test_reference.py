@@ -160,7 +160,7 @@ def test_fused_ode_velocity_with_hoisted_modulations_equals_float64(live_tiny_mo
 
 
 def test_hoisted_modulation_groups_follow_the_memory_budget(live_tiny_model: V2Flow) -> None:
-    """A group of evaluations' modulations is one [G, rows, (3·depth + 2)·W] tensor: G shrinks as the rows a
+    """A group of evaluations' modulations is one [rows, G, (3·depth + 2)·W] tensor: G shrinks as the rows a
     graph is built for grow (guided graphs run twice the rows), down to one evaluation at a time."""
     from v2flow_rt.reference import stage_modules as M
 

@@ -160,22 +160,32 @@ class _FusedOde(nn.Module):
         # Plain Python floats: no numpy inside forward, so torch.compile traces the loop cleanly.
         self._sigmas = tuple(float(s) for s in sigmas)
 
-    def _modulations(self, c_emb: torch.Tensor) -> Callable[[float], torch.Tensor]:
-        """σ → every adaLN modulation of the rows of ``c_emb`` (the condition embedding) at σ [M, (3·depth +
-        2)·W]. Evaluations are grouped in the solver's order, ``group`` to a group, and a group's
-        modulations are computed in one matmul when its first σ is asked for."""
-        done: dict[int, torch.Tensor] = {}
+    def _modulations(self, c_emb: torch.Tensor) -> Callable[[float], list[torch.Tensor]]:
+        """σ → every adaLN modulation of the rows of ``c_emb`` (the condition embedding) at σ, as the
+        (3·depth + 2) chunks [M, W] that ``SimpleMLPAdaLN.from_modulation`` takes. Evaluations are grouped in
+        the solver's order, ``group`` to a group, and a group's modulations are computed in one matmul when
+        its first σ is asked for.
 
-        def at(sigma: float) -> torch.Tensor:
+        The matmul's rows are laid out (row, σ) so that its output [M, G·(3·depth + 2)·W] splits into every
+        chunk of every σ of the group along its last axis, whose sizes are static: one Split node of 2-D
+        pieces per group in the exported graph (a (σ, row) layout needs a split per σ, then one per chunk,
+        and copies the block twice)."""
+        done: dict[int, list[torch.Tensor]] = {}
+        width = self.mod_weight.shape[1]
+        chunks = self.mod_weight.shape[0] // width
+
+        def at(sigma: float) -> list[torch.Tensor]:
             i = self._index.get(sigma)
             if i is None:  # the solvers only evaluate where the dry run saw them; anything else is a solver change
                 raise ExportError(f"solver {self.solver!r} evaluated σ={sigma}, which its dry run on the "
                                   f"{self.steps}-step grid did not")
             if i not in done:
                 first = i - i % self.group
-                y = c_emb.unsqueeze(0) + self.time_emb[first:first + self.group].unsqueeze(1)   # (G, M, W)
-                mods = F.linear(F.silu(y), self.mod_weight, self.mod_bias)                    # (G, M, ·)
-                done.update(zip(range(first, first + mods.shape[0]), mods.unbind(0)))
+                y = c_emb.unsqueeze(1) + self.time_emb[first:first + self.group].unsqueeze(0)   # (M, G, W)
+                mods = F.linear(F.silu(y), self.mod_weight, self.mod_bias)                    # (M, G, K·W)
+                pieces = mods.reshape(mods.shape[0], -1).split(width, dim=1)                  # G·K of (M, W)
+                for j in range(mods.shape[1]):
+                    done[first + j] = list(pieces[j * chunks:(j + 1) * chunks])
             return done[i]
 
         return at

@@ -6,10 +6,13 @@ Parameter names match the official checkpoint.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..errors import ShapeError
 
 # ----------------------------------------------------------------------------- row scatter
 
@@ -182,8 +185,8 @@ class SimpleMLPAdaLN(nn.Module):
     def stacked_modulation(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Every adaLN Linear of the net as one: weight [(3·depth + 2)·W, W] and bias, blocks in order
         (shift, scale, gate each) then the final layer (shift, scale), with modulate's ``1 +`` added to
-        the scale biases. ``from_modulation(x, linear(silu(y), *stacked))`` is ``from_condition(x, y)``
-        with one matmul for all modulations instead of depth + 1 (and one addition fewer each)."""
+        the scale biases. ``from_modulation(x, linear(silu(y), *stacked).chunk(3·depth + 2, -1))`` is
+        ``from_condition(x, y)`` with one matmul for all modulations instead of depth + 1 (and one addition fewer each)."""
         linears = [b.adaLN_modulation[-1] for b in self.res_blocks] + [self.final_layer.adaLN_modulation[-1]]
         weight = torch.cat([lin.weight for lin in linears], dim=0)
         bias = torch.cat([lin.bias for lin in linears], dim=0).clone()
@@ -192,14 +195,17 @@ class SimpleMLPAdaLN(nn.Module):
             bias[(3 * i + 1) * w:(3 * i + 2) * w] += 1.0
         return weight, bias
 
-    def from_modulation(self, x: torch.Tensor, mods: torch.Tensor) -> torch.Tensor:
-        """x [M, C], every modulation [M, (3·depth + 2)·W] (``stacked_modulation``) → v [M, C]."""
-        chunks = mods.chunk(3 * len(self.res_blocks) + 2, dim=-1)
+    def from_modulation(self, x: torch.Tensor, mods: Sequence[torch.Tensor]) -> torch.Tensor:
+        """x [M, C], every modulation as its (3·depth + 2) chunks [M, W] in ``stacked_modulation``'s order
+        (``linear(silu(y), *stacked).chunk(3·depth + 2, -1)``) → v [M, C]."""
+        if len(mods) != 3 * len(self.res_blocks) + 2:
+            raise ShapeError(f"from_modulation takes {3 * len(self.res_blocks) + 2} modulation chunks "
+                             f"(3 per block, 2 for the final layer), got {len(mods)}")
         h = self.input_proj(x)
         for i, block in enumerate(self.res_blocks):
-            shift, scale1, gate = chunks[3 * i: 3 * i + 3]
+            shift, scale1, gate = mods[3 * i: 3 * i + 3]
             h = h + gate * block.mlp(block.in_ln(h) * scale1 + shift)
-        shift, scale1 = chunks[-2:]
+        shift, scale1 = mods[-2:]
         final = self.final_layer
         return final.linear(final.norm_final(h) * scale1 + shift)
 
