@@ -186,7 +186,8 @@ class SimpleMLPAdaLN(nn.Module):
         """Every adaLN Linear of the net as one: weight [(3·depth + 2)·W, W] and bias, blocks in order
         (shift, scale, gate each) then the final layer (shift, scale), with modulate's ``1 +`` added to
         the scale biases. ``from_modulation(x, linear(silu(y), *stacked).chunk(3·depth + 2, -1))`` is
-        ``from_condition(x, y)`` with one matmul for all modulations instead of depth + 1 (and one addition fewer each)."""
+        ``from_condition(x, y)`` with one matmul for all modulations instead of depth + 1 (and one addition
+        fewer each)."""
         linears = [b.adaLN_modulation[-1] for b in self.res_blocks] + [self.final_layer.adaLN_modulation[-1]]
         weight = torch.cat([lin.weight for lin in linears], dim=0)
         bias = torch.cat([lin.bias for lin in linears], dim=0).clone()
