@@ -182,6 +182,20 @@ def test_fused_ode_refuses_a_sigma_its_solver_dry_run_did_not_see(live_tiny_mode
         mods(0.5)
 
 
+def test_from_modulation_takes_one_chunk_per_modulation(live_tiny_model: V2Flow) -> None:
+    """``from_modulation`` takes the (3·depth + 2) chunks; the stacked block itself (the layout before) or a
+    chunk short is refused, not sliced into the wrong modulations."""
+    net = live_tiny_model.flowloss.net
+    cfg = live_tiny_model.config
+    k = 3 * cfg.flow_depth + 2
+    x = torch.randn(3, cfg.token_dim)
+    stacked = torch.randn(3, k * cfg.flow_width)
+    assert net.from_modulation(x, list(stacked.chunk(k, -1))).shape == (3, cfg.token_dim)
+    for wrong in (stacked, list(stacked.chunk(k, -1))[:-1]):
+        with pytest.raises(ShapeError, match=f"takes {k} modulation chunks"):
+            net.from_modulation(x, wrong)
+
+
 def test_keep_indices_requires_equal_known_counts() -> None:
     mask = torch.tensor([[True, False], [True, True]])
     with pytest.raises(ShapeError, match="same number of known tokens"):
