@@ -29,9 +29,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import V2FlowConfig
-from ..errors import BackendUnavailable, ExportError
+from ..errors import BackendUnavailable, ConfigError, ExportError
 from ..sampling import SamplerSettings
-from ..sampling.solvers import SOLVER_FUNCS, evaluated_sigmas, sigma_grid
+from ..sampling.solvers import evaluated_sigmas, sigma_grid, solver_func
 from ..stages import BAKED_SAMPLER_FIELDS, ONE_CALL_STAGES, STAGE_NAMES, StageSpec
 from .codecs import DCAECodec, PatchCodec, build_codec
 from .model import V2Flow
@@ -139,8 +139,10 @@ class _FusedOde(nn.Module):
 
     def __init__(self, model: V2Flow, solver: str, steps: int, shift: float, *, max_rows: int) -> None:
         super().__init__()
-        if solver not in SOLVER_FUNCS:
-            raise ExportError(f"unknown solver {solver!r}; choose one of {sorted(SOLVER_FUNCS)}")
+        try:
+            self._solver_fn = solver_func(solver)
+        except ConfigError as exc:                      # an export asked for it: the export's error
+            raise ExportError(str(exc)) from None
         self.net: SimpleMLPAdaLN = model.flowloss.net
         self.solver, self.steps, self.shift = solver, steps, shift
         sigmas = sigma_grid(steps, shift)
@@ -192,7 +194,7 @@ class _FusedOde(nn.Module):
 
     def _solve(self, f: Callable[[torch.Tensor, float], torch.Tensor], noise: torch.Tensor) -> torch.Tensor:
         # Same solver function as ``sampling.integrate(solver, f, x, steps, shift)``, on the same grid.
-        return SOLVER_FUNCS[self.solver](f, noise, self._sigmas)
+        return self._solver_fn(f, noise, self._sigmas)
 
 
 class Ode(_FusedOde):
