@@ -111,7 +111,7 @@ def numpy_matmul_ms(n: int, repeat: int, threads: int | None) -> float:
     return float(done.stdout)
 
 
-def matmul_peak(n: int = 1024, repeat: int = 7, threads: int | None = None) -> dict[str, float]:
+def matmul_peak(n: int = 1024, repeat: int = 7, threads: int | None = None) -> dict[str, Any]:
     """This machine's float32 matrix-multiply rate (GFLOP/s) through ONNX Runtime's MatMul (the kernels
     the ORT engine uses) and numpy's BLAS, both on ``threads`` threads (None: each library's default); the
     larger is the peak the efficiency figures divide by."""
