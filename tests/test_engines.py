@@ -93,3 +93,48 @@ def test_torch_engine_modes(live_tiny_model) -> None:
     assert np.abs(want - ref).max() <= 1e-4 * np.abs(ref).max()
     # torch.compile fuses kernels; fp32 results agree to rounding.
     np.testing.assert_allclose(compiled.run("velocity", feeds)["v"], want, rtol=1e-4, atol=1e-5)
+
+
+_DENORMAL_PROBE = """
+import sys
+import numpy as np
+backend, folder, flush = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
+if backend == "ort":
+    from v2flow_rt.engines.ort import OrtEngine
+    engine = OrtEngine(folder, threads=1, flush_denormals=flush)
+    stage = engine.stage_names[0]
+    options = engine.session(stage).get_session_options()
+    print(options.get_session_config_entry("session.set_denormal_as_zero"))
+else:
+    from v2flow_rt.config import get_preset
+    from v2flow_rt.engines.torch import TorchEngine
+    from v2flow_rt.reference.model import V2Flow
+    TorchEngine(V2Flow(get_preset("tiny")), threads=1, flush_denormals=flush)
+    print(int(flush))
+# half the smallest normal float32: a denormal, or 0 where the thread flushes them
+print(float((np.array([1.1754944e-38], np.float32) * np.float32(0.5))[0]))
+"""
+
+
+@pytest.mark.parametrize("backend", ["ort", "torch"])
+def test_engines_flush_denormals_on_the_calling_thread_when_asked(backend: str, default_export) -> None:
+    """Denormal floats are flushed to zero where asked (default on ONNX Runtime): seen in the arithmetic of the
+    thread that made the engine, in a fresh process (ONNX Runtime sets the calling thread from the
+    process's first session only)."""
+    import subprocess
+    import sys
+
+    seen = {}
+    for flush in ("1", "0"):
+        out = subprocess.run([sys.executable, "-c", _DENORMAL_PROBE, backend, str(default_export), flush],
+                             capture_output=True, text=True, check=True).stdout.split()
+        seen[flush] = (out[0], float(out[1]))
+    assert seen == {"1": ("1", 0.0), "0": ("0", pytest.approx(5.877472e-39, rel=1e-6))}
+
+
+def test_onnx_runtime_flushes_denormals_by_default(default_export) -> None:
+    from v2flow_rt.engines.ort import OrtEngine
+
+    engine = OrtEngine(default_export)
+    options = engine.session(engine.stage_names[0]).get_session_options()
+    assert options.get_session_config_entry("session.set_denormal_as_zero") == "1"

@@ -307,20 +307,22 @@ def matmul_split(graph: str | Path, feeds: dict[str, np.ndarray], threads: int |
 
 
 def _pipelines(model: str, export_dir: str | None, precisions: list[str], torch_modes: list[str],
-               threads: int | None) -> dict[str, V2FlowPipeline]:
+               threads: int | None, flush_denormals: bool) -> dict[str, V2FlowPipeline]:
     pipes: dict[str, V2FlowPipeline] = {}
     for mode in torch_modes:
-        pipes[mode] = V2FlowPipeline.from_pretrained(model, backend=mode, threads=threads)
+        pipes[mode] = V2FlowPipeline.from_pretrained(model, backend=mode, threads=threads,
+                                                     flush_denormals=flush_denormals)
     if export_dir:
         for p in precisions:
-            pipes[f"ort-{p}"] = V2FlowPipeline.from_pretrained(export_dir, backend="ort", precision=p, threads=threads)
+            pipes[f"ort-{p}"] = V2FlowPipeline.from_pretrained(export_dir, backend="ort", precision=p, threads=threads,
+                                                               flush_denormals=flush_denormals)
     return pipes
 
 
 def run_bench(model: str = "default", export_dir: str | None = None, precisions: tuple[str, ...] = ("fp32",),
               torch_modes: tuple[str, ...] = ("torch", "torch-compile"), batch: int = 1, repeat: int = 5,
               threads: int | None = None, progress: bool = True, steps: int | None = None,
-              split: bool = False) -> dict[str, Any]:
+              split: bool = False, flush_denormals: bool = True) -> dict[str, Any]:
     """Time every backend on the same ids, images and seed; ratios are against PyTorch eager, from end-to-end
     times taken with the backends interleaved (``measure_interleaved``: ``repeat`` timed runs each).
 
@@ -331,14 +333,15 @@ def run_bench(model: str = "default", export_dir: str | None = None, precisions:
 
     ``steps``: ODE steps of the decode (default: the model's; equal to an export's baked steps, the ORT
     backends run the fused ODE graphs). ``split``: also time each ONNX Runtime one-call ``detokenize``
-    graph with and without its matmul nodes (``matmul_split``; CPU provider)."""
+    graph with and without its matmul nodes (``matmul_split``; CPU provider). ``flush_denormals``: every
+    backend computes with denormal floats flushed to zero, or every one without (``OrtEngine``)."""
     from tqdm import tqdm
 
     from .data import HELDOUT_PHOTOS, fitting_crops, from_model_range, load_photo
     from .machine_load import LoadMeter
 
     meter = LoadMeter().start()     # other work on the machine moves the ratios: record it, warn about it
-    pipes = _pipelines(model, export_dir, list(precisions), list(torch_modes), threads)
+    pipes = _pipelines(model, export_dir, list(precisions), list(torch_modes), threads, flush_denormals)
     base = pipes[next(iter(pipes))]
     cfg = base.config
     settings = SamplerSettings.from_config(cfg, steps=steps)
@@ -423,6 +426,7 @@ def run_bench(model: str = "default", export_dir: str | None = None, precisions:
             r["ode_rows256_peak_fraction"] = gflops / peak["peak_gflops"]
     return {
         "model": model, "config": cfg.name, "batch": batch, "repeat": repeat, "threads": threads,
+        "flush_denormals": flush_denormals,
         "sampler": settings.__dict__, "tokens_per_iteration": tokens_per_iteration(cfg.num_tokens, settings.num_iter),
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
                     "load": meter.stop()},

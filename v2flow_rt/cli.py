@@ -107,13 +107,15 @@ def _cmd_reconstruct(a: argparse.Namespace) -> int:
 
 def _cmd_bench(a: argparse.Namespace) -> int:
     from .bench import plot, run_bench
+    from .fileio import atomic_write_text
 
     report = run_bench(a.model, a.export, precisions=tuple(a.precisions.split(",")),
                        torch_modes=tuple(a.torch_modes.split(",")) if a.torch_modes else (), batch=a.batch,
-                       repeat=a.repeat, threads=a.threads, steps=a.steps, split=a.split)
+                       repeat=a.repeat, threads=a.threads, steps=a.steps, split=a.split,
+                       flush_denormals=not a.keep_denormals)
     if a.json:
         Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.json).write_text(json.dumps(report, indent=2))
+        atomic_write_text(a.json, json.dumps(report, indent=2))
     if a.plot:
         plot(report, a.plot)
     if report["machine"]["load"]["warning"]:
@@ -296,6 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", action="store_true",
                    help="also time each ONNX Runtime one-call detokenize graph without its matmul nodes "
                         "(where its time goes)")
+    p.add_argument("--keep-denormals", action="store_true",
+                   help="every backend computes with denormal floats (default: all flush them to zero)")
     p.set_defaults(func=_cmd_bench)
 
     p = sub.add_parser("build", help="build (or reuse cached) TensorRT plans for an export folder")

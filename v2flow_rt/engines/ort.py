@@ -41,10 +41,19 @@ class OrtEngine(Engine):
     backend = "ort"
 
     def __init__(self, folder: str | os.PathLike[str], precision: str = "fp32", provider: str = "cpu",
-                 threads: int | None = None, verify: bool = True, device_id: int = 0, cuda_graph: bool = False) -> None:
+                 threads: int | None = None, verify: bool = True, device_id: int = 0, cuda_graph: bool = False,
+                 flush_denormals: bool = True) -> None:
         """``cuda_graph`` (provider ``cuda``): capture each one-call stage (``tokenize``, ``detokenize``) as a
         CUDA graph per input shape on its first call and replay it afterwards, one launch per request;
-        its inputs and outputs live in device buffers bound once per shape (ORT's ``enable_cuda_graph``)."""
+        its inputs and outputs live in device buffers bound once per shape (ORT's ``enable_cuda_graph``).
+
+        ``flush_denormals``: the CPU computes with denormal floats flushed to zero (ORT's
+        ``session.set_denormal_as_zero``; values under 1.2e-38 become 0). A trained model's attention
+        softmax and activations produce denormals, each an order of magnitude slower to compute with on x86
+        (a [4, 128, 128] softmax of peaked scores: 544 against 26 µs): the default decode is 5–9 % faster
+        with them flushed. ONNX Runtime sets it on each session's own worker threads, and on the calling
+        thread (where a one-thread session runs) only for the process's first session, process-wide for that
+        thread: whatever it computes afterwards (numpy included) flushes too."""
         if precision not in PRECISIONS:
             raise ConfigError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
         ort = _ort()
@@ -62,7 +71,7 @@ class OrtEngine(Engine):
             raise BackendUnavailable(f"CUDA graphs need the cuda provider, not {provider!r}")
         threads = check_threads(threads)
         self.precision, self.provider, self.threads, self.device_id = precision, provider, threads, device_id
-        self.cuda_graph = cuda_graph
+        self.cuda_graph, self.flush_denormals = cuda_graph, flush_denormals
         self._bound: dict[tuple[str, tuple[tuple[int, ...], ...]], tuple[Any, dict[str, Any], Any]] = {}
         self.device = "cpu" if provider == "cpu" else f"cuda:{device_id}"
         self.backend = f"ort-{provider}"
@@ -96,6 +105,7 @@ class OrtEngine(Engine):
             if self.threads:
                 opts.intra_op_num_threads = self.threads
                 opts.inter_op_num_threads = 1
+            opts.add_session_config_entry("session.set_denormal_as_zero", "1" if self.flush_denormals else "0")
             path = self.manifest.path(stage, self.precision)
             try:
                 self._sessions[stage] = ort.InferenceSession(str(path), opts, providers=self._providers(stage))

@@ -31,10 +31,15 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 class TorchEngine(Engine):
     def __init__(self, model: V2Flow, mode: str = "eager", device: str | None = None, precision: str = "fp32",
                  threads: int | None = None, max_batch: int = 16, with_codec: bool = True,
-                 **spec_options: Any) -> None:
+                 flush_denormals: bool | None = None, **spec_options: Any) -> None:
         """``with_codec``: build the codec stages (the patch codec, or the DC-AE folder the model records;
         a DC-AE model without one raises BackendUnavailable or CheckpointError naming what is missing);
-        False leaves them out, for stage-level benchmarks."""
+        False leaves them out, for stage-level benchmarks.
+
+        ``flush_denormals``: True or False sets PyTorch's flush-denormal mode (``torch.set_flush_denormal``)
+        on the calling thread, process-wide for that thread (where a one-thread engine computes); None, the
+        default, leaves it as it is. See ``OrtEngine``: the same setting on both engines compares like with
+        like."""
         if mode not in MODES:
             raise BackendUnavailable(f"unknown torch mode {mode!r}; choose one of {MODES}")
         if precision not in DTYPES:
@@ -49,6 +54,8 @@ class TorchEngine(Engine):
         threads = check_threads(threads)
         if threads:
             torch.set_num_threads(threads)
+        if flush_denormals is not None:
+            torch.set_flush_denormal(flush_denormals)
         self.model = model.eval().to(device)
         self.mode, self.device, self.precision = mode, device, precision
         self.backend = "torch" if mode == "eager" else f"torch-{mode}"

@@ -69,7 +69,7 @@ def build_plan(onnx_path: Path, spec: StageSpec, plan_path: Path, timing_cache: 
     plan = builder.build_serialized_network(network, config)
     if plan is None:
         raise ArtifactError(f"TensorRT failed to build {onnx_path} (see the TensorRT log above)")
-    timing_cache.write_bytes(memoryview(config.get_timing_cache().serialize()))
+    atomic_write_bytes(timing_cache, memoryview(config.get_timing_cache().serialize()))
     atomic_write_bytes(plan_path, memoryview(plan))
 
 
