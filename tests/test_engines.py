@@ -132,9 +132,22 @@ def test_engines_flush_denormals_on_the_calling_thread_when_asked(backend: str, 
     assert seen == {"1": ("1", 0.0), "0": ("0", pytest.approx(5.877472e-39, rel=1e-6))}
 
 
-def test_onnx_runtime_flushes_denormals_by_default(default_export) -> None:
+def test_onnx_runtime_session_options(default_export) -> None:
+    """Denormals flushed by default; worker threads spin in the one-call sessions only (the loop's stage
+    sessions take turns, and a spinning idle worker holds the core the next one needs), unless asked."""
     from v2flow_rt.engines.ort import OrtEngine
+    from v2flow_rt.stages import ONE_CALL_STAGES
 
-    engine = OrtEngine(default_export)
-    options = engine.session(engine.stage_names[0]).get_session_options()
-    assert options.get_session_config_entry("session.set_denormal_as_zero") == "1"
+    def entries(engine: OrtEngine) -> dict[str, tuple[str, str]]:
+        out = {}
+        for stage in engine.stage_names:
+            options = engine.session(stage).get_session_options()
+            out[stage] = (options.get_session_config_entry("session.set_denormal_as_zero"),
+                          options.get_session_config_entry("session.intra_op.allow_spinning"))
+        return out
+
+    default = entries(OrtEngine(default_export, threads=2))
+    assert set(default) & set(ONE_CALL_STAGES) and set(default) - set(ONE_CALL_STAGES)
+    assert default == {s: ("1", "1" if s in ONE_CALL_STAGES else "0") for s in default}
+    forced = entries(OrtEngine(default_export, threads=2, spinning=True, flush_denormals=False))
+    assert forced == dict.fromkeys(default, ("0", "1"))
