@@ -211,7 +211,7 @@ def _matmul_flops(node: Any, values: dict[str, np.ndarray]) -> float:
 
 
 def matmul_split(graph: str | Path, feeds: dict[str, np.ndarray], threads: int | None = None,
-                 repeat: int = 20) -> dict[str, Any]:
+                 repeat: int = 20, flush_denormals: bool = True) -> dict[str, Any]:
     """Where a graph's time goes on ONNX Runtime's CPU provider: its matmul nodes against everything else.
 
     The graph as ONNX Runtime runs it (after its fusions, ``ORT_ENABLE_EXTENDED``) is run once with every
@@ -220,7 +220,8 @@ def matmul_split(graph: str | Path, feeds: dict[str, np.ndarray], threads: int |
     the matmuls' share of a real run (an estimate: the rest runs without the matmuls between its nodes, its
     inputs in buffers of their own). ``max_rel_diff``: the split graph's outputs against the whole graph's,
     and the matmul inputs it computes against the real run's, each relative to its largest value (the same
-    computation: 0 up to another fusion choice). For graphs ONNX Runtime can save whole (under 2 GB)."""
+    computation: 0 up to another fusion choice). For graphs ONNX Runtime can save whole (under 2 GB).
+    ``flush_denormals``: as ``OrtEngine``'s."""
     import onnx
     import onnxruntime as ort
     from onnx import helper
@@ -238,6 +239,7 @@ def matmul_split(graph: str | Path, feeds: dict[str, np.ndarray], threads: int |
         opts.graph_optimization_level = level
         if threads:
             opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+        opts.add_session_config_entry("session.set_denormal_as_zero", "1" if flush_denormals else "0")
         return opts
 
     cpu = ["CPUExecutionProvider"]
@@ -397,7 +399,7 @@ def run_bench(model: str = "default", export_dir: str | None = None, precisions:
         if split and eng.backend == "ort-cpu" and used["detokenize"]:
             feeds = eng.spec("detokenize").sample_inputs(rng, batch=batch)
             r["detokenize_split"] = matmul_split(eng.manifest.path("detokenize", eng.precision), feeds,
-                                                 threads, repeat)
+                                                 threads, repeat, flush_denormals)
         images = pipe.detokenize(ids, seed=0, steps=settings.steps, output="float", one_call=one_call)
         if reference_images is None:
             reference_images = images
