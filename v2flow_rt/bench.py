@@ -453,7 +453,12 @@ def plot(report: dict[str, Any], png: str | Path) -> None:
     ax.axhline(1.0, color="k", lw=0.8)
     ax.set_xticks(x, names, rotation=20, ha="right")
     ax.set_ylabel(f"speed-up vs {report['baseline']}")
-    ax.set_title(f"{report['config']}, batch {report['batch']}, {report['machine']['cpus']} CPU cores")
+    n = report.get("threads")
+    threads = f"{n} thread{'s' * (n != 1)}" if n else "default threads"
+    flush = report.get("flush_denormals")
+    denormals = "" if flush is None else ", denormals flushed" if flush else ", denormals kept"
+    ax.set_title(f"{report['config']}, batch {report['batch']}, {threads} on {report['machine']['cpus']} CPU cores"
+                 f"{denormals}")
     ax.legend()
     fig.tight_layout()
     Path(png).parent.mkdir(parents=True, exist_ok=True)
