@@ -50,8 +50,8 @@ class OrtEngine(Engine):
         ``flush_denormals``: the CPU computes with denormal floats flushed to zero (ORT's
         ``session.set_denormal_as_zero``; values under 1.2e-38 become 0). A trained model's attention
         softmax and activations produce denormals, each an order of magnitude slower to compute with on x86
-        (a [4, 128, 128] softmax of peaked scores: 544 against 26 µs): the default decode is 5–9 % faster
-        with them flushed. ONNX Runtime sets it on each session's own worker threads, and on the calling
+        (a [4, 128, 128] softmax of peaked scores: 544 against 26 µs): the default model's one-call decode
+        is 2–9 % faster with them flushed. ONNX Runtime sets it on each session's own worker threads, and on the calling
         thread (where a one-thread session runs) only for the process's first session, process-wide for that
         thread: whatever it computes afterwards (numpy included) flushes too.
 
