@@ -133,8 +133,9 @@ def test_engines_flush_denormals_on_the_calling_thread_when_asked(backend: str, 
 
 
 def test_onnx_runtime_session_options(default_export) -> None:
-    """Denormals flushed by default; worker threads spin in the one-call sessions only (the loop's stage
-    sessions take turns, and a spinning idle worker holds the core the next one needs), unless asked."""
+    """Denormals kept by default (flushing is the thread's, not the session's alone); worker threads spin in
+    the one-call sessions only (the loop's stage sessions take turns, and a spinning idle worker holds the
+    core the next one needs), unless asked."""
     from v2flow_rt.engines.ort import OrtEngine
     from v2flow_rt.stages import ONE_CALL_STAGES
 
@@ -148,6 +149,23 @@ def test_onnx_runtime_session_options(default_export) -> None:
 
     default = entries(OrtEngine(default_export, threads=2))
     assert set(default) & set(ONE_CALL_STAGES) and set(default) - set(ONE_CALL_STAGES)
-    assert default == {s: ("1", "1" if s in ONE_CALL_STAGES else "0") for s in default}
-    forced = entries(OrtEngine(default_export, threads=2, spinning=True, flush_denormals=False))
-    assert forced == dict.fromkeys(default, ("0", "1"))
+    assert default == {s: ("0", "1" if s in ONE_CALL_STAGES else "0") for s in default}
+    forced = entries(OrtEngine(default_export, threads=2, spinning=False, flush_denormals=True))
+    assert forced == dict.fromkeys(default, ("1", "0"))
+
+
+def test_float_environment_is_given_back() -> None:
+    """What ``run_bench`` and every CLI verb run inside: a thread that flushed no denormals before flushes
+    none after, whatever the block set (here PyTorch's flush, as ``TorchEngine(flush_denormals=True)``)."""
+    import torch
+
+    from v2flow_rt.engines.base import denormals_flushed, preserved_float_environment
+
+    assert not denormals_flushed()
+    try:
+        with preserved_float_environment():
+            torch.set_flush_denormal(True)
+            assert denormals_flushed()
+        assert not denormals_flushed()
+    finally:
+        torch.set_flush_denormal(False)

@@ -200,6 +200,7 @@ def test_validate_eval_bench_and_demo_accept_an_official_model(flow: dict[str, A
     folder too), eval on their own photos, bench and demo."""
     from PIL import Image
 
+    from v2flow_rt.engines.base import denormals_flushed
     from v2flow_rt.export.validate import validate_folder
 
     report = validate_folder(flow["export"], seed=3)
@@ -213,10 +214,13 @@ def test_validate_eval_bench_and_demo_accept_an_official_model(flow: dict[str, A
     ev = json.loads(capsys.readouterr().out)
     assert ev["images"] == 1 and ev["crops"] == "resized centre crop" and ev["psnr"] > 0
     bench = tmp_path / "bench.json"
+    assert not denormals_flushed()
     assert main(["bench", "--model", str(flow["model_dir"]), "--export", str(flow["export"]), "--precisions", "fp32",
                  "--torch-modes", "torch", "--repeat", "1", "--steps", str(STEPS), "--json", str(bench),
                  "--split"]) == 0
+    assert not denormals_flushed()     # it flushed them in every backend, then gave this thread its state back
     b = json.loads(bench.read_text())
+    assert b["flush_denormals"] is True
     res = b["results"]
     assert set(res) == {"torch", "torch-loop", "ort-fp32", "ort-fp32-loop"}    # one call and the loop, both timed
     assert res["ort-fp32"]["one_call"] == {"tokenize": True, "detokenize": True}

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from .config import V2FlowConfig
+from .engines.base import preserved_float_environment
 from .fileio import atomic_write
 from .metrics import psnr
 from .pipeline import V2FlowPipeline
@@ -211,7 +212,7 @@ def _matmul_flops(node: Any, values: dict[str, np.ndarray]) -> float:
 
 
 def matmul_split(graph: str | Path, feeds: dict[str, np.ndarray], threads: int | None = None,
-                 repeat: int = 20, flush_denormals: bool = True) -> dict[str, Any]:
+                 repeat: int = 20, flush_denormals: bool = False) -> dict[str, Any]:
     """Where a graph's time goes on ONNX Runtime's CPU provider: its matmul nodes against everything else.
 
     The graph as ONNX Runtime runs it (after its fusions, ``ORT_ENABLE_EXTENDED``) is run once with every
@@ -321,6 +322,7 @@ def _pipelines(model: str, export_dir: str | None, precisions: list[str], torch_
     return pipes
 
 
+@preserved_float_environment()
 def run_bench(model: str = "default", export_dir: str | None = None, precisions: tuple[str, ...] = ("fp32",),
               torch_modes: tuple[str, ...] = ("torch", "torch-compile"), batch: int = 1, repeat: int = 5,
               threads: int | None = None, progress: bool = True, steps: int | None = None,
@@ -336,7 +338,8 @@ def run_bench(model: str = "default", export_dir: str | None = None, precisions:
     ``steps``: ODE steps of the decode (default: the model's; equal to an export's baked steps, the ORT
     backends run the fused ODE graphs). ``split``: also time each ONNX Runtime one-call ``detokenize``
     graph with and without its matmul nodes (``matmul_split``; CPU provider). ``flush_denormals``: every
-    backend computes with denormal floats flushed to zero, or every one without (``OrtEngine``)."""
+    backend computes with denormal floats flushed to zero, or every one without (``OrtEngine``); the calling
+    thread's floating-point environment is restored afterwards."""
     from tqdm import tqdm
 
     from .data import HELDOUT_PHOTOS, fitting_crops, from_model_range, load_photo

@@ -57,7 +57,10 @@ def _cmd_eval(a: argparse.Namespace) -> int:
 def _pipeline(a: argparse.Namespace) -> Any:
     from .pipeline import V2FlowPipeline
 
-    return V2FlowPipeline.from_pretrained(a.model, backend=a.backend, precision=a.precision, threads=a.threads)
+    # This process is the command's own: ONNX Runtime flushes denormals (2-9 % faster; see OrtEngine).
+    fast: dict[str, Any] = {"flush_denormals": True} if a.backend.startswith("ort") else {}
+    return V2FlowPipeline.from_pretrained(a.model, backend=a.backend, precision=a.precision, threads=a.threads,
+                                          **fast)
 
 
 def _sampling(a: argparse.Namespace) -> dict[str, Any]:

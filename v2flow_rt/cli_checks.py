@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .engines.base import preserved_float_environment
 from .errors import ConfigError, V2FlowError
 from .manifest import PRECISIONS
 from .sampling.loop import MAX_CFG, MAX_NUM_ITER, MAX_STEPS, MAX_TEMPERATURE, check_float, check_int
@@ -154,7 +155,8 @@ def run_command(func: Callable[[Any], int], a: argparse.Namespace) -> int:
     debug = debug_wanted(a)
     try:
         check_options(a)
-        return func(a)
+        with preserved_float_environment():     # a verb may flush denormals; a caller's thread gets it back
+            return func(a)
     except KeyboardInterrupt:
         if debug:
             raise

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import abc
+import contextlib
+import ctypes
+import ctypes.util
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -18,6 +22,35 @@ def check_threads(threads: Any) -> int | None:
     if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or threads < 0:
         raise ConfigError(f"threads must be a positive integer (or 0/None for the default), got {threads!r}")
     return int(threads) or None
+
+
+def denormals_flushed() -> bool:
+    """Whether the calling thread flushes denormal floats to zero: half the smallest normal float32, computed
+    here, comes out 0 (the thread's SSE control register, which ``flush_denormals`` and
+    ``torch.set_flush_denormal`` set)."""
+    return float((np.array([1.1754944e-38], np.float32) * np.float32(0.5))[0]) == 0.0
+
+
+@contextlib.contextmanager
+def preserved_float_environment() -> Iterator[None]:
+    """Run a block, then give the calling thread back the floating-point environment it had (rounding,
+    exception masks, flush-to-zero and denormals-are-zero: C's ``fegetenv`` / ``fesetenv``). Engines asked to
+    flush denormals set them for the whole thread, ONNX Runtime through the process's first session: a
+    benchmark or command run inside a caller's process leaves it as it found it. Where the C library has no
+    ``fegetenv`` the block runs as it is."""
+    path = ctypes.util.find_library("m")
+    libm = ctypes.CDLL(path) if path else None
+    if libm is None or not hasattr(libm, "fegetenv"):
+        yield
+        return
+    saved = ctypes.create_string_buffer(256)             # fenv_t is 32 bytes on x86-64 glibc
+    if libm.fegetenv(saved) != 0:
+        yield
+        return
+    try:
+        yield
+    finally:
+        libm.fesetenv(saved)
 
 
 class Engine(abc.ABC):

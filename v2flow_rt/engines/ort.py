@@ -42,7 +42,7 @@ class OrtEngine(Engine):
 
     def __init__(self, folder: str | os.PathLike[str], precision: str = "fp32", provider: str = "cpu",
                  threads: int | None = None, verify: bool = True, device_id: int = 0, cuda_graph: bool = False,
-                 flush_denormals: bool = True, spinning: bool | None = None) -> None:
+                 flush_denormals: bool = False, spinning: bool | None = None) -> None:
         """``cuda_graph`` (provider ``cuda``): capture each one-call stage (``tokenize``, ``detokenize``) as a
         CUDA graph per input shape on its first call and replay it afterwards, one launch per request;
         its inputs and outputs live in device buffers bound once per shape (ORT's ``enable_cuda_graph``).
@@ -51,9 +51,11 @@ class OrtEngine(Engine):
         ``session.set_denormal_as_zero``; values under 1.2e-38 become 0). A trained model's attention
         softmax and activations produce denormals, each an order of magnitude slower to compute with on x86
         (a [4, 128, 128] softmax of peaked scores: 544 against 26 µs): the default model's one-call decode
-        is 2–9 % faster with them flushed. ONNX Runtime sets it on each session's own worker threads, and on the calling
-        thread (where a one-thread session runs) only for the process's first session, process-wide for that
-        thread: whatever it computes afterwards (numpy included) flushes too.
+        is 2–9 % faster with them flushed. Off by default because it is not the session's alone: ONNX
+        Runtime sets it on each session's own worker threads, and on the calling thread (where a one-thread
+        session runs) from the process's first session, for the rest of the process, so whatever that
+        thread computes afterwards (numpy included) flushes too. The CLI's inference commands and ``bench``
+        turn it on; ``preserved_float_environment`` gives a thread its previous state back.
 
         ``spinning``: whether a session's idle worker threads busy-wait for the next call
         (``session.intra_op.allow_spinning``; only with more than one thread). None, the default: the
