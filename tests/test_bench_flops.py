@@ -1,5 +1,5 @@
-"""The benchmark's FLOP yardstick (``bench.detokenize_flops``) against torch's own count of the matmuls the
-one-call decode module runs (``torch.utils.flop_counter``), for each guidance mode; and ``bench.matmul_split``
+"""The benchmark's FLOP yardstick (``roofline.detokenize_flops``) against torch's own count of the matmuls the
+one-call decode module runs (``torch.utils.flop_counter``), for each guidance mode; and ``roofline.matmul_split``
 (a one-call graph timed with and without its matmul nodes) against that yardstick and the whole graph; and
 ``bench.measure_interleaved`` keeps ratios through a change of the machine's speed (a simulated clock)."""
 
@@ -13,12 +13,13 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from v2flow_rt import bench
-from v2flow_rt.bench import detokenize_flops, measure, measure_interleaved, speedup
+from v2flow_rt import bench, roofline
+from v2flow_rt.bench import measure, measure_interleaved, speedup
 from v2flow_rt.config import get_preset
 from v2flow_rt.reference.codecs import build_codec
 from v2flow_rt.reference.model import V2Flow
 from v2flow_rt.reference.one_call import Detokenize
+from v2flow_rt.roofline import detokenize_flops
 from v2flow_rt.sampling import SamplerSettings, seeded_randomness
 
 
@@ -41,8 +42,8 @@ def test_decode_flops_match_torchs_count(overrides: dict[str, Any]) -> None:
 
 
 def test_matmul_split_runs_the_same_decode_and_removes_exactly_its_matmuls(default_export) -> None:
-    from v2flow_rt.bench import matmul_split
     from v2flow_rt.pipeline import V2FlowPipeline
+    from v2flow_rt.roofline import matmul_split
 
     pipe = V2FlowPipeline.from_pretrained(default_export, backend="ort", precision="fp32", threads=1)
     engine, cfg = pipe.engine, pipe.config
@@ -60,9 +61,9 @@ def test_matmul_split_runs_the_same_decode_and_removes_exactly_its_matmuls(defau
 
 
 def test_matmul_split_refuses_a_graph_too_large_to_save_whole(default_export, monkeypatch) -> None:
-    from v2flow_rt.bench import matmul_split
     from v2flow_rt.errors import ArtifactError
     from v2flow_rt.export import precision
+    from v2flow_rt.roofline import matmul_split
 
     monkeypatch.setattr(precision, "EXTERNAL_DATA_BYTES", 1000)     # the default graphs as if over 1.8 GB
     with pytest.raises(ArtifactError, match=r"detokenize.fp32.onnx: .* takes graphs under 2 GB"):
@@ -108,9 +109,9 @@ def test_numpy_matmul_rate_is_measured_on_the_threads_asked_for(monkeypatch: pyt
         return real_run(*args, **kwargs)
 
     monkeypatch.setattr(subprocess, "run", recording_run)
-    for var in bench._BLAS_THREAD_VARS:
+    for var in roofline._BLAS_THREAD_VARS:
         monkeypatch.setenv(var, "7")
-    assert bench.numpy_matmul_ms(64, 2, threads=1) > 0
-    assert bench.numpy_matmul_ms(64, 2, threads=None) > 0
-    assert [{var: env[var] for var in bench._BLAS_THREAD_VARS} for env in seen] == [
-        dict.fromkeys(bench._BLAS_THREAD_VARS, "1"), dict.fromkeys(bench._BLAS_THREAD_VARS, "7")]
+    assert roofline.numpy_matmul_ms(64, 2, threads=1) > 0
+    assert roofline.numpy_matmul_ms(64, 2, threads=None) > 0
+    assert [{var: env[var] for var in roofline._BLAS_THREAD_VARS} for env in seen] == [
+        dict.fromkeys(roofline._BLAS_THREAD_VARS, "1"), dict.fromkeys(roofline._BLAS_THREAD_VARS, "7")]
