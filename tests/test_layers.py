@@ -27,8 +27,8 @@ FLOORS: dict[int, tuple[str, ...]] = {
     # export.folder is the export job: it measures quality through the pipeline (export.quality), so it
     # sits with validate on 4, and export.onnx keeps only the graph-level work of floor 3.
     4: ("pipeline", "export.validate", "export.quality", "export.folder", "llm.t2i", "llm.train", "evaluate",
-        "scale.serve", "scale.ray_jobs", "scale.sources", "scale.store", "scale.triton_repo", "bench", "demo",
-        "export"),          # the package: its names (export_model, validate_folder) are floor 4's
+        "scale.serve", "scale.ray_jobs", "scale.sources", "scale.store", "scale.triton_repo", "bench", "roofline",
+        "demo", "export"),          # the package: its names (export_model, validate_folder) are floor 4's
     5: ("cli", "cli_checks", "llm.commands", "scale.commands"),
 }
 # Package __init__ files that only re-export their own floor's modules lazily (``export``: floor 3 and 4).
