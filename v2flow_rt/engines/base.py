@@ -6,6 +6,7 @@ import abc
 import contextlib
 import ctypes
 import ctypes.util
+import functools
 from collections.abc import Iterator
 from typing import Any
 
@@ -31,6 +32,14 @@ def denormals_flushed() -> bool:
     return float((np.array([1.1754944e-38], np.float32) * np.float32(0.5))[0]) == 0.0
 
 
+@functools.cache
+def _libm() -> Any:
+    """The C maths library, or None (``find_library`` asks ldconfig: once a process)."""
+    path = ctypes.util.find_library("m")
+    libm = ctypes.CDLL(path) if path else None
+    return libm if libm is not None and hasattr(libm, "fegetenv") else None
+
+
 @contextlib.contextmanager
 def preserved_float_environment() -> Iterator[None]:
     """Run a block, then give the calling thread back the floating-point environment it had (rounding,
@@ -38,9 +47,8 @@ def preserved_float_environment() -> Iterator[None]:
     flush denormals set them for the whole thread, ONNX Runtime through the process's first session: a
     benchmark or command run inside a caller's process leaves it as it found it. Where the C library has no
     ``fegetenv`` the block runs as it is."""
-    path = ctypes.util.find_library("m")
-    libm = ctypes.CDLL(path) if path else None
-    if libm is None or not hasattr(libm, "fegetenv"):
+    libm = _libm()
+    if libm is None:
         yield
         return
     saved = ctypes.create_string_buffer(256)             # fenv_t is 32 bytes on x86-64 glibc
