@@ -118,9 +118,10 @@ print(float((np.array([1.1754944e-38], np.float32) * np.float32(0.5))[0]))
 
 @pytest.mark.parametrize("backend", ["ort", "torch"])
 def test_engines_flush_denormals_on_the_calling_thread_when_asked(backend: str, default_export) -> None:
-    """Denormal floats are flushed to zero where asked (default on ONNX Runtime): seen in the arithmetic of the
-    thread that made the engine, in a fresh process (ONNX Runtime sets the calling thread from the
-    process's first session only)."""
+    """Denormal floats are flushed to zero where asked (off by default on both engines): seen in the
+    arithmetic of the thread that made the engine, in a fresh process (ONNX Runtime sets the calling thread
+    from the process's first session only). The probe computes the product itself rather than calling
+    ``engines.base.denormals_flushed``, so it is independent of the code under test."""
     import subprocess
     import sys
 
