@@ -86,13 +86,46 @@ def test_interleaved_timing_keeps_ratios_when_the_machine_slows_down(monkeypatch
     repeat, blocks = 25, 5
     for at in (0.3, 0.5, 0.7):
         clock.update(now=0.0, calls=0, change=at * 2 * (repeat + blocks))
-        times = measure_interleaved({"slow": cost(2.0), "fast": cost(1.0)}, repeat, blocks, settle_s=0.0)
+        times = measure_interleaved({"slow": cost(2.0), "fast": cost(1.0)}, repeat, blocks, settle_s=0.0,
+                                    warm_s=0.0)
         assert clock["calls"] == 2 * (repeat + blocks)
         assert speedup(times["slow"], times["fast"]) == pytest.approx(2.0), (at, times)
     # timed one after the other, the ratio is the drift's, not theirs (and so is the ratio of medians)
     clock.update(now=0.0, calls=0, change=repeat + 1)
     slow, fast = measure(cost(2.0), 1, repeat), measure(cost(1.0), 1, repeat)
     assert speedup(slow, fast) == pytest.approx(2.0 / 3.0)
+
+
+def test_interleaved_timing_starts_after_the_machine_is_back_to_speed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """After the harness's pause the simulated machine runs the next 150 ms at a third of its speed (this
+    machine's first calls of a 12 ms decode after the 0.1 s pause: 15.5, 12.5, 12.1 ms; stretched here so that
+    it covers most of a round's timed calls of the short function, whose median then shows it). A 40 ms and a
+    10 ms function compare 4:1 only if each turn's untimed warm-up runs until ``warm_s`` has passed."""
+    clock = {"now": 0.0, "slow_left": 0.0}
+
+    def sleep(seconds: float) -> None:
+        clock["now"] += seconds
+        clock["slow_left"] = 0.150                       # wall seconds at a third of the speed
+
+    def cost(ms: float) -> Any:
+        def run() -> None:
+            work = ms / 1e3
+            slow = min(work, clock["slow_left"] / 3.0)   # the part of this call done while still slow
+            clock["slow_left"] -= 3.0 * slow
+            clock["now"] += 3.0 * slow + (work - slow)
+        return run
+
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: clock["now"])
+    monkeypatch.setattr(bench.time, "sleep", sleep)
+    fns = {"long": cost(40.0), "short": cost(10.0)}
+    warmed = measure_interleaved(fns, 25, 5, settle_s=0.1, warm_s=0.2)
+    assert warmed["short"]["median_ms"] == pytest.approx(10.0)
+    assert warmed["long"]["median_ms"] == pytest.approx(40.0)
+    assert speedup(warmed["long"], warmed["short"]) == pytest.approx(4.0)
+    # one untimed call (the harness before warm_s) leaves the short function's first timed calls slow
+    cold = measure_interleaved(fns, 25, 5, settle_s=0.1, warm_s=0.0)
+    assert cold["long"]["median_ms"] == pytest.approx(40.0)
+    assert speedup(cold["long"], cold["short"]) < 3.5
 
 
 def test_numpy_matmul_rate_is_measured_on_the_threads_asked_for(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -36,25 +36,38 @@ def measure(fn: Callable[[], Any], warmup: int = 1, repeat: int = 5) -> dict[str
 
 
 def measure_interleaved(fns: dict[str, Callable[[], Any]], repeat: int = 5, blocks: int = 5,
-                        settle_s: float = 0.1) -> dict[str, dict[str, Any]]:
+                        settle_s: float = 0.1, warm_s: float = 0.2) -> dict[str, dict[str, Any]]:
     """``measure`` of several functions whose times are compared: ``blocks`` rounds, in each every function
-    runs once untimed, then about ``repeat / blocks`` timed runs; each summary also holds its per-round
-    medians (``block_median_ms``), from which ``speedup`` takes its ratio. A change of the machine's speed
-    during the benchmark (a shared machine's clock and neighbours: PyTorch eager's median moved 12 % between
-    two back-to-back runs here) then moves only the rounds it falls in. Before each function's turn the
-    harness waits ``settle_s`` and makes the untimed run: the previous function's thread-pool workers spin
-    on after it returns (with two threads, PyTorch's 2.5 ms tokenize took 6 to 14 ms in the rounds right
-    after ONNX Runtime's without the wait)."""
+    runs untimed for ``warm_s``, then about ``repeat / blocks`` timed runs; each summary also holds its
+    per-round medians (``block_median_ms``), from which ``speedup`` takes its ratio. A change of the machine's
+    speed during the benchmark (a shared machine's clock and neighbours: PyTorch eager's median moved 12 %
+    between two back-to-back runs here) then moves only the rounds it falls in.
+
+    Before each function's turn the harness waits ``settle_s``: the previous function's thread-pool workers
+    spin on after it returns (with two threads, PyTorch's 2.5 ms tokenize took 6 to 14 ms in the rounds right
+    after ONNX Runtime's without the wait). The machine then needs some 50 ms of work to come back to speed
+    (one thread, medians of 12 rounds by call after the pause: PyTorch eager's decode 43.1, 39.6, 39.1,
+    38.9 ms, ONNX Runtime's int8 one call 15.5, 12.5, 12.1, 12.2 ms), which a short call pays on more of its
+    first calls than a long one does; so each turn first runs its function untimed for ``warm_s`` (at least
+    once), and every timed run is a steady one."""
     blocks = max(1, min(blocks, repeat))
     times: dict[str, list[list[float]]] = {name: [] for name in fns}
     for block in range(blocks):
         runs = repeat // blocks + (block < repeat % blocks)
         for name, fn in fns.items():
             time.sleep(settle_s)
-            fn()
+            _warm(fn, warm_s)
             times[name].append([_timed(fn) for _ in range(runs)])
     return {name: {**_summary([x for b in t for x in b]), "block_median_ms": [float(np.median(b)) for b in t]}
             for name, t in times.items()}
+
+
+def _warm(fn: Callable[[], Any], seconds: float) -> None:
+    """Untimed calls of ``fn`` until ``seconds`` have passed, at least one."""
+    end = time.perf_counter() + seconds
+    fn()
+    while time.perf_counter() < end:
+        fn()
 
 
 def speedup(base: dict[str, Any], other: dict[str, Any]) -> float:
