@@ -95,3 +95,50 @@ def test_bad_inputs_are_one_line_errors(built: dict[str, Any], tmp_path: Path) -
     assert r.returncode == 2 and "axis 1 must be 64, got 63" in r.stderr and not (tmp_path / "o.npy").exists()
     r = _run(built["tok"], built["manifest"].package_path("detokenize"), "--out", tmp_path / "x.npy", "a.ppm")
     assert r.returncode == 2 and "is the 'detokenize' package" in r.stderr
+
+
+def test_out_of_contract_values_are_refused_before_the_graph_runs(built: dict[str, Any], tmp_path: Path) -> None:
+    """ids or orders outside their range index outside the compiled graph's tables (which aborted the process
+    from a worker thread: exit 134 and a C++ stack), a repeated order entry or a NaN gave a wrong image with
+    exit 0; each is now a one-line error naming the input, and no output is written."""
+    rng = np.random.default_rng(11)
+    ids = rng.integers(0, 4096, (2, 64)).astype(np.int64)
+    orders, noise = seeded_randomness(5, 2, 64, 192, 4)
+    detok = built["manifest"].package_path("detokenize")
+
+    def detokenize(**changed: np.ndarray) -> subprocess.CompletedProcess[str]:
+        arrays = {"ids": ids, "orders": orders, "noise": noise, **changed}
+        for name, a in arrays.items():
+            np.save(tmp_path / f"{name}.npy", a)
+        (tmp_path / "out.npy").unlink(missing_ok=True)
+        return _run(built["detok"], detok, "--ids", tmp_path / "ids.npy", "--orders", tmp_path / "orders.npy",
+                    "--noise", tmp_path / "noise.npy", "--out", tmp_path / "out.npy")
+
+    repeated = orders.copy()
+    repeated[1, 5] = repeated[1, 6]
+    nan_noise = noise.copy()
+    nan_noise[0, 3, 7] = np.nan
+    too_large, negative = ids.copy(), ids.copy()
+    too_large[0, 0], too_large[1, 2] = 0, 4096
+    negative[0, 0] = -3
+    cases = [({"ids": too_large}, "ids must be in [0, 4096), got range [0, 4096]"),
+             ({"ids": negative}, "ids must be in [0, 4096), got range [-3, "),
+             ({"orders": repeated}, "orders row 1 is not a permutation of 0..63 (each position exactly once); "
+                                    "1 of 2 rows are not"),
+             ({"orders": orders + 1}, "orders row 0 is not a permutation of 0..63"),
+             ({"noise": nan_noise}, "input 'noise' must be finite")]
+    for changed, message in cases:
+        r = detokenize(**changed)
+        assert r.returncode == 2 and message in r.stderr, (message, r.returncode, r.stderr[-300:])
+        assert r.stderr.count("\n") == 1 and not (tmp_path / "out.npy").exists()
+    assert detokenize().returncode == 0 and (tmp_path / "out.npy").exists()   # the valid inputs run
+
+    crops = eval_crops(HELDOUT_PHOTOS, 64, per_image=1)
+    tok = built["manifest"].package_path("tokenize")
+    for value, message in ((1.5, "images must be within [-1, 1] (pixel / 127.5 - 1), got |x| up to 1.5"),
+                           (np.inf, "input 'images' must be finite")):
+        images = crops.copy()
+        images[0, 1, 2, 3] = value
+        np.save(tmp_path / "images.npy", images)
+        r = _run(built["tok"], tok, "--out", tmp_path / "ids.npy", "--images", tmp_path / "images.npy")
+        assert r.returncode == 2 and message in r.stderr, (message, r.returncode, r.stderr[-300:])

@@ -76,7 +76,7 @@ class Package {
     return false;
   }
 
-  // Checks each named array against the contract (dtype, rank, fixed dims, one batch size) and runs.
+  // Checks each named array against the contract (dtype, rank, fixed dims, one batch size, values) and runs.
   std::vector<at::Tensor> run(const std::map<std::string, at::Tensor>& feeds) {
     std::vector<at::Tensor> args;
     int64_t batch = -1;
@@ -98,9 +98,39 @@ class Package {
                                    t.shape[i] + ", got " + std::to_string(x.size(i)));
         }
       }
+      check_values(t.name, x);
       args.push_back(x.contiguous());
     }
     return loader_.run(args);
+  }
+
+  // The values the contract allows (README, "I/O contract"). Inside the compiled graph an id or an order
+  // entry out of range is an out-of-bounds index, which aborts the whole process from a worker thread
+  // rather than throwing, and a repeated order entry or a NaN gives a wrong image without a word.
+  void check_values(const std::string& name, const at::Tensor& x) const {
+    if (x.numel() == 0) return;
+    if (name == "ids") {
+      const int64_t k = static_cast<int64_t>(number("codebook_size"));
+      const int64_t lo = x.min().item<int64_t>(), hi = x.max().item<int64_t>();
+      if (lo < 0 || hi >= k)
+        throw std::runtime_error(stage_ + ": ids must be in [0, " + std::to_string(k) + "), got range [" +
+                                 std::to_string(lo) + ", " + std::to_string(hi) + "]");
+    } else if (name == "orders") {
+      const int64_t n = x.size(1);
+      at::Tensor ok = std::get<0>(x.sort(1)).eq(torch::arange(n, at::kLong)).all(1);   // [B]: a permutation
+      const int64_t bad = ok.numel() - ok.sum().item<int64_t>();
+      if (bad)
+        throw std::runtime_error(stage_ + ": orders row " + std::to_string(ok.logical_not().nonzero()[0][0].item<int64_t>()) +
+                                 " is not a permutation of 0.." + std::to_string(n - 1) + " (each position exactly once); " +
+                                 std::to_string(bad) + " of " + std::to_string(ok.numel()) + " rows are not");
+    } else if (x.is_floating_point()) {
+      if (!torch::isfinite(x).all().item<bool>())
+        throw std::runtime_error(stage_ + ": input '" + name + "' must be finite");
+      const float top = x.abs().max().item<float>();
+      if (name == "images" && top > 1.0f + 1e-4f)
+        throw std::runtime_error(stage_ + ": images must be within [-1, 1] (pixel / 127.5 - 1), got |x| up to " +
+                                 std::to_string(top));
+    }
   }
 
  private:
