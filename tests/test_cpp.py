@@ -97,6 +97,35 @@ def test_bad_inputs_are_one_line_errors(built: dict[str, Any], tmp_path: Path) -
     assert r.returncode == 2 and "is the 'detokenize' package" in r.stderr
 
 
+
+def test_command_line_mistakes_are_one_line_errors(built: dict[str, Any], tmp_path: Path) -> None:
+    """A wrong command line names what is wrong (before: "stoull", "map::at", a seed of -1 taken as 2^64 - 1, a
+    mistyped option or a --cfg-scale for an unguided package ignored), exits 2 and writes nothing."""
+    orders, noise = seeded_randomness(5, 1, 64, 192, 4)
+    for name, a in (("ids", np.zeros((1, 64), np.int64)), ("orders", orders), ("noise", noise),
+                    ("ids64", np.zeros((1, 64), np.float64))):
+        np.save(tmp_path / f"{name}.npy", a)
+    ids, out = ["--ids", tmp_path / "ids.npy"], ["--out", tmp_path / "o.npy"]
+    cases = [([*ids, "--seed", "abc", *out], "--seed must be a non-negative integer, got 'abc'"),
+             ([*ids, "--seed", "-1", *out], "--seed must be a non-negative integer, got '-1'"),
+             ([*ids, "--seed", "1" + "0" * 20, *out], "--seed must fit 64 bits"),
+             ([*ids, "--orders", tmp_path / "orders.npy", *out], "--orders and --noise go together"),
+             ([*ids, "--seed", "1", "--orders", tmp_path / "orders.npy", "--noise", tmp_path / "noise.npy", *out],
+              "give either --seed S or --orders O.npy with --noise N.npy"),
+             ([*ids, "--seed", "1", "--nosie", tmp_path / "noise.npy", *out], "unknown option '--nosie' (the options"),
+             ([*ids, "--seed", "1", "--out"], "--out needs a value"),
+             ([*ids, "--seed", "1", *out, "extra"], "unexpected argument 'extra'"),
+             ([*ids, "--seed", "1", "--cfg-scale", "3", *out], "is an unguided package (exported with cfg 1)"),
+             (["--ids", tmp_path / "ids64.npy", "--seed", "1", *out], "ids64.npy: unsupported .npy dtype 'f8'")]
+    detok = built["manifest"].package_path("detokenize")
+    for args, message in cases:
+        r = _run(built["detok"], detok, *args)
+        assert r.returncode == 2 and message in r.stderr, (message, r.returncode, r.stderr[-300:])
+        assert r.stderr.count("\n") == 1 and not list(tmp_path.glob("o.npy*"))
+    r = _run(built["tok"], built["manifest"].package_path("tokenize"), "--out", tmp_path / "o.npy", "--bogus", "1")
+    assert r.returncode == 2 and "unknown option '--bogus' (the options: --images, --out)" in r.stderr
+    assert _run(built["detok"], detok, *ids, "--seed", "1", *out).returncode == 0 and (tmp_path / "o.npy").exists()
+
 def test_out_of_contract_values_are_refused_before_the_graph_runs(built: dict[str, Any], tmp_path: Path) -> None:
     """ids or orders outside their range index outside the compiled graph's tables (which aborted the process
     from a worker thread: exit 134 and a C++ stack), a repeated order entry or a NaN gave a wrong image with

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <cstdio>
 #include <cstring>
 #include <fstream>
 #include <sstream>
@@ -25,11 +26,12 @@ struct Array {
   }
 };
 
-inline size_t item_size(const std::string& dtype) {
+inline size_t item_size(const std::string& dtype, const std::string& path) {
   if (dtype == "f4") return 4;
   if (dtype == "i8") return 8;
   if (dtype == "u1") return 1;
-  throw std::runtime_error("unsupported .npy dtype '" + dtype + "' (expected <f4, <i8 or |u1)");
+  throw std::runtime_error(path + ": unsupported .npy dtype '" + dtype + "' (the clients read float32 '<f4', int64 "
+                           "'<i8' and uint8 '|u1'; convert with numpy's astype)");
 }
 
 inline std::string header_field(const std::string& header, const std::string& key, const std::string& path) {
@@ -75,10 +77,31 @@ inline Array load_npy(const std::string& path) {
   while (std::getline(ss, item, ',')) {
     if (item.find_first_not_of(' ') != std::string::npos) a.shape.push_back(std::stoll(item));
   }
-  a.data.resize(static_cast<size_t>(a.numel()) * item_size(a.dtype));
+  a.data.resize(static_cast<size_t>(a.numel()) * item_size(a.dtype, path));
   f.read(a.data.data(), static_cast<std::streamsize>(a.data.size()));
   if (!f) throw std::runtime_error(path + ": truncated .npy data");
   return a;
+}
+
+// Writes PATH through `write` into PATH.tmp, then renames it into place: a failed write leaves neither a
+// partial PATH nor the temporary file.
+template <typename Write>
+inline void write_atomically(const std::string& path, Write write) {
+  const std::string tmp = path + ".tmp";
+  {
+    std::ofstream f(tmp, std::ios::binary);
+    if (!f) throw std::runtime_error(path + ": cannot write");
+    write(f);
+    if (!f) {
+      f.close();
+      std::remove(tmp.c_str());
+      throw std::runtime_error(path + ": write failed");
+    }
+  }
+  if (std::rename(tmp.c_str(), path.c_str()) != 0) {
+    std::remove(tmp.c_str());
+    throw std::runtime_error(path + ": cannot rename into place");
+  }
 }
 
 inline void save_npy(const std::string& path, const Array& a) {
@@ -93,19 +116,14 @@ inline void save_npy(const std::string& path, const Array& a) {
   std::string header = "{'descr': '" + endian + a.dtype + "', 'fortran_order': False, 'shape': " + shape + ", }";
   while ((10 + header.size() + 1) % 64 != 0) header += ' ';
   header += '\n';
-  std::string tmp = path + ".tmp";
-  {
-    std::ofstream f(tmp, std::ios::binary);
-    if (!f) throw std::runtime_error(path + ": cannot write");
+  write_atomically(path, [&](std::ofstream& f) {
     f.write("\x93NUMPY\x01\x00", 8);
     uint16_t len = static_cast<uint16_t>(header.size());
     char b[2] = {static_cast<char>(len & 0xff), static_cast<char>(len >> 8)};
     f.write(b, 2);
     f.write(header.data(), static_cast<std::streamsize>(header.size()));
     f.write(a.data.data(), static_cast<std::streamsize>(a.data.size()));
-    if (!f) throw std::runtime_error(path + ": write failed");
-  }
-  if (std::rename(tmp.c_str(), path.c_str()) != 0) throw std::runtime_error(path + ": cannot rename into place");
+  });
 }
 
 // A binary PPM (P6, maxval 255) as uint8 [H, W, 3].
@@ -145,15 +163,10 @@ inline Image load_ppm(const std::string& path) {
 }
 
 inline void save_ppm(const std::string& path, const Image& im) {
-  std::string tmp = path + ".tmp";
-  {
-    std::ofstream f(tmp, std::ios::binary);
-    if (!f) throw std::runtime_error(path + ": cannot write");
+  write_atomically(path, [&](std::ofstream& f) {
     f << "P6\n" << im.width << " " << im.height << "\n255\n";
     f.write(reinterpret_cast<const char*>(im.rgb.data()), static_cast<std::streamsize>(im.rgb.size()));
-    if (!f) throw std::runtime_error(path + ": write failed");
-  }
-  if (std::rename(tmp.c_str(), path.c_str()) != 0) throw std::runtime_error(path + ": cannot rename into place");
+  });
 }
 
 }  // namespace v2flow

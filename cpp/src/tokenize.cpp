@@ -7,6 +7,7 @@
 // x / 127.5 − 1, channels first. Writes int64 [B, N] ids.
 #include <iostream>
 
+#include "options.hpp"
 #include "package.hpp"
 
 using namespace v2flow;
@@ -17,22 +18,17 @@ int main(int argc, char** argv) {
       std::cerr << "usage: v2flow-tokenize PACKAGE.pt2 --out IDS.npy (IMAGE.ppm ... | --images IMAGES.npy)\n";
       return 2;
     }
-    std::string package = argv[1], out, images_npy;
-    std::vector<std::string> ppms;
-    for (int i = 2; i < argc; ++i) {
-      std::string a = argv[i];
-      if (a == "--out" && i + 1 < argc) out = argv[++i];
-      else if (a == "--images" && i + 1 < argc) images_npy = argv[++i];
-      else ppms.push_back(a);
-    }
-    if (out.empty() || (ppms.empty() == images_npy.empty()))
+    const std::string package = argv[1];
+    const Options opt = parse_options(argc, argv, 2, {"--out", "--images"}, true);
+    const std::vector<std::string>& ppms = opt.positional;
+    if (!opt.has("--out") || ppms.empty() != opt.has("--images"))
       throw std::runtime_error("give --out and either PPM images or --images IMAGES.npy");
     Package pkg(package);
     if (pkg.stage() != "tokenize") throw std::runtime_error(package + " is the '" + pkg.stage() + "' package");
     const int64_t size = pkg.dim("images", 2);
     at::Tensor images;
-    if (!images_npy.empty()) {
-      images = to_tensor(load_npy(images_npy));
+    if (opt.has("--images")) {
+      images = to_tensor(load_npy(opt.get("--images")));
     } else {
       images = torch::empty({static_cast<int64_t>(ppms.size()), 3, size, size});
       for (size_t b = 0; b < ppms.size(); ++b) {
@@ -45,8 +41,8 @@ int main(int argc, char** argv) {
       }
     }
     std::vector<at::Tensor> result = pkg.run({{"images", images}});
-    save_npy(out, from_tensor(result.at(0)));
-    std::cout << "wrote " << out << ": " << result[0].size(0) << " image(s) x " << result[0].size(1) << " tokens\n";
+    save_npy(opt.get("--out"), from_tensor(result.at(0)));
+    std::cout << "wrote " << opt.get("--out") << ": " << result[0].size(0) << " image(s) x " << result[0].size(1) << " tokens\n";
     return 0;
   } catch (const std::exception& e) {
     std::cerr << "v2flow-tokenize: error: " << e.what() << "\n";
