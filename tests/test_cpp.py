@@ -171,3 +171,42 @@ def test_out_of_contract_values_are_refused_before_the_graph_runs(built: dict[st
         np.save(tmp_path / "images.npy", images)
         r = _run(built["tok"], tok, "--out", tmp_path / "ids.npy", "--images", tmp_path / "images.npy")
         assert r.returncode == 2 and message in r.stderr, (message, r.returncode, r.stderr[-300:])
+
+
+@pytest.fixture(scope="module")
+def guided(built: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """A guided one-call detokenize (official CFG at 2.0, 2 masked-AR iterations of one step: small to compile)
+    as ONNX and as an AOTInductor package."""
+    root = tmp_path_factory.mktemp("cpp_guided")
+    m = export_model("default", root / "export", stages=["detokenize"], steps=1, aoti=True, quality=False,
+                     progress=False, parity_photos=0, sampler={"temperature": 1.0, "cfg_scale": 2.0, "num_iter": 2})
+    return {"package": m.package_path("detokenize"), "onnx": m.path("detokenize", "fp32")}
+
+
+def test_guided_package_takes_its_default_or_the_given_cfg_scale(built: dict[str, Any], guided: dict[str, Any],
+                                                                  tmp_path: Path) -> None:
+    """A guided package's cfg_scale input is fed from its metadata (2.0) or from --cfg-scale; the images equal the
+    one-call ONNX graph's run by ONNX Runtime at that scale (clipped to [-1, 1] as both clients do)."""
+    import onnxruntime as ort
+
+    ids = np.random.default_rng(9).integers(0, 4096, (2, 64)).astype(np.int64)
+    orders, noise = seeded_randomness(3, 2, 64, 192, 2)
+    for name, a in (("ids", ids), ("orders", orders), ("noise", noise)):
+        np.save(tmp_path / f"{name}.npy", a)
+    session = ort.InferenceSession(str(guided["onnx"]), providers=["CPUExecutionProvider"])
+    feeds = {"ids": ids, "orders": orders, "noise": noise}
+    got = {}
+    for scale in (None, 3.0, 1.0):
+        extra = [] if scale is None else ["--cfg-scale", str(scale)]
+        r = _run(built["detok"], guided["package"], "--ids", tmp_path / "ids.npy", "--orders", tmp_path / "orders.npy",
+                 "--noise", tmp_path / "noise.npy", "--out", tmp_path / "out.npy", *extra)
+        assert r.returncode == 0, r.stderr
+        got[scale] = np.load(tmp_path / "out.npy")
+        ref = np.clip(session.run(None, {**feeds, "cfg_scale": np.array([scale or 2.0], np.float32)})[0], -1, 1)
+        assert np.abs(ref).max() > 0.1
+        assert np.abs(got[scale] - ref).max() <= 1e-4 * np.abs(ref).max(), scale
+    assert np.abs(got[None] - got[3.0]).max() > 1e-2 and np.abs(got[None] - got[1.0]).max() > 1e-2
+    r = _run(built["detok"], guided["package"], "--ids", tmp_path / "ids.npy", "--seed", "1", "--cfg-scale", "nan",
+             "--out", tmp_path / "o.npy")
+    assert r.returncode == 2 and "--cfg-scale must be a finite number, got 'nan'" in r.stderr
+    assert not (tmp_path / "o.npy").exists()
