@@ -126,6 +126,48 @@ def test_command_line_mistakes_are_one_line_errors(built: dict[str, Any], tmp_pa
     assert r.returncode == 2 and "unknown option '--bogus' (the options: --images, --out)" in r.stderr
     assert _run(built["detok"], detok, *ids, "--seed", "1", *out).returncode == 0 and (tmp_path / "o.npy").exists()
 
+def _npy_with_header(path: Path, header: str, data: bytes) -> None:
+    """A .npy file (format 1.0) with the given header dict text and data bytes, however wrong they are."""
+    text = header.encode()
+    text += b" " * (63 - (10 + len(text)) % 64) + b"\n"
+    path.write_bytes(b"\x93NUMPY\x01\x00" + len(text).to_bytes(2, "little") + text + data)
+
+
+def test_damaged_file_headers_are_named_before_anything_is_allocated(built: dict[str, Any], tmp_path: Path) -> None:
+    """A .npy or PPM header that is wrong or claims more data than its file holds is a one-line error naming the
+    file and the field (before: "stoll", "stoi", "vector::_M_default_append", or std::bad_alloc after trying to
+    allocate the 80 GB a damaged shape asked for)."""
+    npy = "{'descr': '<i8', 'fortran_order': False, 'shape': %s, }"
+    _npy_with_header(tmp_path / "huge.npy", npy % "(100000, 100000)", bytes(64))
+    _npy_with_header(tmp_path / "negative.npy", npy % "(-1, 64)", bytes(512))
+    _npy_with_header(tmp_path / "garbled.npy", npy % "(1, x64)", bytes(512))
+    _npy_with_header(tmp_path / "short.npy", npy % "(1, 64)", bytes(100))
+    _npy_with_header(tmp_path / "valid.npy", npy % "(1, 64)", bytes(512))
+    cases = [("huge.npy", "huge.npy: truncated .npy data (the header asks for more bytes than the file's 64)"),
+             ("negative.npy", "negative.npy: .npy shape entry must be a non-negative integer below 10^12, got '-1'"),
+             ("garbled.npy", "garbled.npy: .npy shape entry must be a non-negative integer below 10^12, got 'x64'"),
+             ("short.npy", "short.npy: truncated .npy data (the header asks for more bytes than the file's 100)")]
+    detok = built["manifest"].package_path("detokenize")
+    for name, message in cases + [("valid.npy", "")]:
+        r = _run(built["detok"], detok, "--ids", tmp_path / name, "--seed", "1", "--out", tmp_path / "o.npy")
+        if not message:
+            assert r.returncode == 0 and (tmp_path / "o.npy").exists(), r.stderr
+            continue
+        assert r.returncode == 2 and message in r.stderr, (message, r.returncode, r.stderr[-300:])
+        assert r.stderr.count("\n") == 1 and not (tmp_path / "o.npy").exists()
+    ppms = [(b"P6\n-5 64\n255\n", "PPM width must be a non-negative integer below 10^12, got '-5'"),
+            (b"P6\n64 abc\n255\n", "PPM height must be a non-negative integer below 10^12, got 'abc'"),
+            (b"P6\n100000 100000\n255\n" + bytes(4), "truncated PPM data (the header asks for more bytes than "
+                                                      "the file's 4)"),
+            (b"P6\n64 64\n65535\n" + bytes(64 * 64 * 6), "only maxval 255 PPMs are supported")]
+    tok = built["manifest"].package_path("tokenize")
+    for i, (content, message) in enumerate(ppms):
+        (tmp_path / f"{i}.ppm").write_bytes(content)
+        r = _run(built["tok"], tok, "--out", tmp_path / "ids.npy", tmp_path / f"{i}.ppm")
+        assert r.returncode == 2 and f"{i}.ppm: {message}" in r.stderr, (message, r.returncode, r.stderr[-300:])
+        assert not (tmp_path / "ids.npy").exists()
+
+
 def test_out_of_contract_values_are_refused_before_the_graph_runs(built: dict[str, Any], tmp_path: Path) -> None:
     """ids or orders outside their range index outside the compiled graph's tables (which aborted the process
     from a worker thread: exit 134 and a C++ stack), a repeated order entry or a NaN gave a wrong image with

@@ -34,6 +34,41 @@ inline size_t item_size(const std::string& dtype, const std::string& path) {
                            "'<i8' and uint8 '|u1'; convert with numpy's astype)");
 }
 
+// A non-negative decimal integer read from a file header (a .npy shape entry, a PPM width), or a one-line
+// error naming the file and the field (std::stoll said "stoll" and took "-1" or "12abc").
+inline int64_t parse_count(const std::string& text, const std::string& path, const std::string& what) {
+  const size_t start = text.find_first_not_of(' '), end = text.find_last_not_of(' ');
+  const std::string t = start == std::string::npos ? "" : text.substr(start, end - start + 1);
+  if (t.empty() || t.size() > 12 || t.find_first_not_of("0123456789") != std::string::npos)
+    throw std::runtime_error(path + ": " + what + " must be a non-negative integer below 10^12, got '" + t + "'");
+  return std::stoll(t);
+}
+
+// Bytes from the stream's position to the end of the file.
+inline int64_t bytes_left(std::ifstream& f) {
+  const std::streampos here = f.tellg();
+  f.seekg(0, std::ios::end);
+  const std::streampos end = f.tellg();
+  f.seekg(here);
+  return static_cast<int64_t>(end - here);
+}
+
+// The byte count of `dims` items of `item` bytes, refused before anything is allocated when the rest of the file
+// cannot hold it: a damaged header must be an error, not an allocation of gigabytes.
+inline size_t data_bytes(const std::vector<int64_t>& dims, size_t item, int64_t available, const std::string& path,
+                         const std::string& what) {
+  int64_t need = static_cast<int64_t>(item);
+  for (int64_t d : dims) {
+    if (d == 0) return 0;
+    if (need > available / d) need = available + 1;   // more than the file holds, without overflowing
+    else need *= d;
+  }
+  if (need > available)
+    throw std::runtime_error(path + ": truncated " + what + " (the header asks for more bytes than the file's " +
+                             std::to_string(available) + ")");
+  return static_cast<size_t>(need);
+}
+
 inline std::string header_field(const std::string& header, const std::string& key, const std::string& path) {
   size_t k = header.find("'" + key + "'");
   if (k == std::string::npos) throw std::runtime_error(path + ": .npy header has no '" + key + "'");
@@ -75,9 +110,9 @@ inline Array load_npy(const std::string& path) {
   std::stringstream ss(shape.substr(1, shape.size() - 2));
   std::string item;
   while (std::getline(ss, item, ',')) {
-    if (item.find_first_not_of(' ') != std::string::npos) a.shape.push_back(std::stoll(item));
+    if (item.find_first_not_of(' ') != std::string::npos) a.shape.push_back(parse_count(item, path, ".npy shape entry"));
   }
-  a.data.resize(static_cast<size_t>(a.numel()) * item_size(a.dtype, path));
+  a.data.resize(data_bytes(a.shape, item_size(a.dtype, path), bytes_left(f), path, ".npy data"));
   f.read(a.data.data(), static_cast<std::streamsize>(a.data.size()));
   if (!f) throw std::runtime_error(path + ": truncated .npy data");
   return a;
@@ -132,7 +167,7 @@ struct Image {
   std::vector<uint8_t> rgb;
 };
 
-inline int ppm_token(std::istream& f, const std::string& path) {
+inline int64_t ppm_token(std::istream& f, const std::string& path, const char* what) {
   std::string tok;
   while (f >> tok) {
     if (tok[0] == '#') {
@@ -140,7 +175,7 @@ inline int ppm_token(std::istream& f, const std::string& path) {
       std::getline(f, rest);
       continue;
     }
-    return std::stoi(tok);
+    return parse_count(tok, path, std::string("PPM ") + what);
   }
   throw std::runtime_error(path + ": truncated PPM header");
 }
@@ -152,11 +187,11 @@ inline Image load_ppm(const std::string& path) {
   f >> magic;
   if (magic != "P6") throw std::runtime_error(path + ": not a binary PPM (P6)");
   Image im;
-  im.width = ppm_token(f, path);
-  im.height = ppm_token(f, path);
-  if (ppm_token(f, path) != 255) throw std::runtime_error(path + ": only maxval 255 PPMs are supported");
+  im.width = ppm_token(f, path, "width");
+  im.height = ppm_token(f, path, "height");
+  if (ppm_token(f, path, "maxval") != 255) throw std::runtime_error(path + ": only maxval 255 PPMs are supported");
   f.get();   // the single whitespace after maxval
-  im.rgb.resize(static_cast<size_t>(im.width * im.height * 3));
+  im.rgb.resize(data_bytes({im.height, im.width, 3}, 1, bytes_left(f), path, "PPM data"));
   f.read(reinterpret_cast<char*>(im.rgb.data()), static_cast<std::streamsize>(im.rgb.size()));
   if (!f) throw std::runtime_error(path + ": truncated PPM data");
   return im;
