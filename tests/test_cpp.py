@@ -126,6 +126,7 @@ def test_command_line_mistakes_are_one_line_errors(built: dict[str, Any], tmp_pa
     assert r.returncode == 2 and "unknown option '--bogus' (the options: --images, --out)" in r.stderr
     assert _run(built["detok"], detok, *ids, "--seed", "1", *out).returncode == 0 and (tmp_path / "o.npy").exists()
 
+
 def _npy_with_header(path: Path, header: str, data: bytes) -> None:
     """A .npy file (format 1.0) with the given header dict text and data bytes, however wrong they are."""
     text = header.encode()
@@ -237,14 +238,15 @@ def test_guided_package_takes_its_default_or_the_given_cfg_scale(built: dict[str
         np.save(tmp_path / f"{name}.npy", a)
     session = ort.InferenceSession(str(guided["onnx"]), providers=["CPUExecutionProvider"])
     feeds = {"ids": ids, "orders": orders, "noise": noise}
-    got = {}
-    for scale in (None, 3.0, 1.0):
+    got: dict[float | None, np.ndarray] = {}
+    for scale in (None, 3.0, 1.0):                      # None: the package's default, 2.0
         extra = [] if scale is None else ["--cfg-scale", str(scale)]
         r = _run(built["detok"], guided["package"], "--ids", tmp_path / "ids.npy", "--orders", tmp_path / "orders.npy",
                  "--noise", tmp_path / "noise.npy", "--out", tmp_path / "out.npy", *extra)
         assert r.returncode == 0, r.stderr
         got[scale] = np.load(tmp_path / "out.npy")
-        ref = np.clip(session.run(None, {**feeds, "cfg_scale": np.array([scale or 2.0], np.float32)})[0], -1, 1)
+        fed = np.array([2.0 if scale is None else scale], np.float32)
+        ref = np.clip(session.run(None, {**feeds, "cfg_scale": fed})[0], -1, 1)
         assert np.abs(ref).max() > 0.1
         assert np.abs(got[scale] - ref).max() <= 1e-4 * np.abs(ref).max(), scale
     assert np.abs(got[None] - got[3.0]).max() > 1e-2 and np.abs(got[None] - got[1.0]).max() > 1e-2
