@@ -38,6 +38,7 @@ def main() -> None:
     from PIL import Image
 
     from v2flow_rt.data import HELDOUT_PHOTOS, eval_crops, from_model_range
+    from v2flow_rt.fileio import atomic_write_text
     from v2flow_rt.manifest import Manifest
     from v2flow_rt.sampling import seeded_randomness
 
@@ -88,7 +89,7 @@ def main() -> None:
     print(json.dumps(rec, indent=1))
     ok = rec["v2flow-tokenize"]["mismatches"] == 0 and rec["v2flow-detokenize"]["max_rel"] <= 1e-4
     if a.json:
-        Path(a.json).write_text(json.dumps(rec, indent=1) + "\n")
+        atomic_write_text(a.json, json.dumps(rec, indent=1) + "\n")
     if not ok:
         raise SystemExit("the C++ clients disagree with ONNX Runtime's one-call graphs (see above)")
 
