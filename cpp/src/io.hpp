@@ -18,12 +18,6 @@ struct Array {
   std::string dtype;
   std::vector<int64_t> shape;
   std::vector<char> data;
-
-  int64_t numel() const {
-    int64_t n = 1;
-    for (int64_t d : shape) n *= d;
-    return n;
-  }
 };
 
 inline size_t item_size(const std::string& dtype, const std::string& path) {
@@ -57,15 +51,18 @@ inline int64_t bytes_left(std::ifstream& f) {
 // cannot hold it: a damaged header must be an error, not an allocation of gigabytes.
 inline size_t data_bytes(const std::vector<int64_t>& dims, size_t item, int64_t available, const std::string& path,
                          const std::string& what) {
+  for (int64_t d : dims)
+    if (d == 0) return 0;
+  const auto truncated = [&] {
+    return std::runtime_error(path + ": truncated " + what + " (the header asks for more bytes than the file's " +
+                              std::to_string(available) + ")");
+  };
   int64_t need = static_cast<int64_t>(item);
   for (int64_t d : dims) {
-    if (d == 0) return 0;
-    if (need > available / d) need = available + 1;   // more than the file holds, without overflowing
-    else need *= d;
+    if (need > available / d) throw truncated();   // need * d > available, checked without overflowing
+    need *= d;
   }
-  if (need > available)
-    throw std::runtime_error(path + ": truncated " + what + " (the header asks for more bytes than the file's " +
-                             std::to_string(available) + ")");
+  if (need > available) throw truncated();
   return static_cast<size_t>(need);
 }
 
