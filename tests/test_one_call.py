@@ -162,6 +162,27 @@ def test_pipeline_prefers_one_call_when_the_settings_match(guided: dict[str, Any
         pipe.detokenize(ids, steps=STEPS, cfg=1.0, one_call=True)
 
 
+def test_the_cli_decodes_an_export_folder_on_onnx_runtime_without_being_told(guided: dict[str, Any],
+                                                                            tmp_path: Path) -> None:
+    """What a user types after ``export --precision fp32,int8``: no ``--backend``, ``--precision int8``
+    (a precision only ONNX Runtime has). The export folder makes ONNX Runtime the default, and the image is
+    the int8 one call's (``--backend ort``), not fp32's."""
+    from PIL import Image
+
+    from v2flow_rt.cli import main
+
+    ids = tmp_path / "ids.npy"
+    np.save(ids, np.random.default_rng(3).integers(0, 4096, (1, 64)))
+    base = ["detokenize", str(ids), "--model", str(guided["folder"]), "--steps", str(STEPS), "--seed", "2"]
+    for name, extra in (("auto", []), ("ort", ["--backend", "ort"]), ("fp32", ["--precision", "fp32"])):
+        precision = [] if name == "fp32" else ["--precision", "int8"]
+        assert main([*base, *precision, *extra, "--out", str(tmp_path / f"{name}.png")]) == 0
+    auto, ort, fp32 = (np.asarray(Image.open(tmp_path / f"{n}.png")).astype(int) for n in ("auto", "ort", "fp32"))
+    assert auto.std() > 1.0                                  # an image, not a blank
+    np.testing.assert_array_equal(auto, ort)
+    assert np.abs(auto - fp32).max() > 0                     # int8 did run: not the fp32 graph's image
+
+
 def test_validate_checks_one_call_against_the_stage_path(guided: dict[str, Any]) -> None:
     report = validate_folder(guided["folder"], seed=4)
     rows = {(r["stage"], r["precision"], r["runner"]): r for r in report.rows}

@@ -211,6 +211,12 @@ def _cmd_validate(a: argparse.Namespace) -> int:
     return 0
 
 
+def default_backend(model: str) -> str:
+    """The backend a verb uses when ``--backend`` is not given: ONNX Runtime for an export folder (what the
+    folder is for), PyTorch for a model folder or ``default``."""
+    return "ort" if (Path(model) / "manifest.json").is_file() else "torch"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="v2flow-rt", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -218,8 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
     def engine_args(p: argparse.ArgumentParser) -> None:
         p.add_argument("--model", default="default",
                        help="model folder or 'default' (torch backends); export folder (ort, trt backends)")
-        p.add_argument("--backend", default="torch", choices=["ort", "ort-cuda", "ort-tensorrt", "trt", "torch",
-                                                              "torch-compile", "torch-cudagraph"])
+        p.add_argument("--backend", default=None, choices=["ort", "ort-cuda", "ort-tensorrt", "trt", "torch",
+                                                           "torch-compile", "torch-cudagraph"],
+                       help="default: ort for an export folder (it has manifest.json), else torch")
         p.add_argument("--precision", default="fp32")
         p.add_argument("--threads", type=int, default=None)
 
@@ -387,6 +394,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if "backend" in vars(args) and args.backend is None:     # engine_args' default depends on --model
+        args.backend = default_backend(args.model)
     func: Callable[[Any], int] = args.func
     return run_command(func, args)     # options checked first; a user's error is one line and exit 2
 
