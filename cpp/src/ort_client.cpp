@@ -43,7 +43,9 @@ int main(int argc, char** argv) {
       } else if (key == "--out") {
         out = value;
       } else if (key == "--threads") {
-        threads = std::stoi(value);
+        const int64_t n = parse_count(value, "--threads", "the intra-op thread count (0: ONNX Runtime's default)");
+        if (n > 4096) throw std::runtime_error("--threads: at most 4096, got " + value);
+        threads = static_cast<int>(n);
       } else {
         throw std::runtime_error("unknown option " + key);
       }
