@@ -87,13 +87,17 @@ def test_engine_verbs_use_onnx_runtime_on_an_export_folder(default_export: Path,
                                                            chosen: list[tuple[str, str]]) -> None:
     """Without ``--backend``: an export folder runs on ONNX Runtime (its graphs, the one-call ones included),
     a model folder or ``default`` on PyTorch; a given ``--backend`` wins either way."""
+    from PIL import Image
+
     ids = tmp_path / "ids.npy"
     np.save(ids, np.zeros((1, 64), np.int64))
-    photo = ROOT / "v2flow_rt" / "assets" / "default" / "README.md"      # any existing path: never opened
+    photo = tmp_path / "photo.png"
+    Image.fromarray(np.full((40, 30, 3), 200, np.uint8)).save(photo)
     export = str(default_export)
     runs = [(["tokenize", str(photo), "--out", str(tmp_path / "i.npy"), "--model", export], "ort"),
             (["detokenize", str(ids), "--out", str(tmp_path / "o.png"), "--model", export], "ort"),
             (["reconstruct", str(photo), "--out", str(tmp_path / "r.png"), "--model", export], "ort"),
+            (["eval", "--model", export, "--images", str(photo)], "ort"),
             (["detokenize", str(ids), "--out", str(tmp_path / "o.png")], "torch"),
             (["detokenize", str(ids), "--out", str(tmp_path / "o.png"), "--model", export, "--backend", "torch"],
              "torch"),
