@@ -16,31 +16,29 @@ from v2flow_rt.cli import build_parser, main
 from v2flow_rt.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
-_PROGRAM = re.compile(r"(?:^|\s)v2flow-rt\s")
 
 
 def documented_commands() -> list[tuple[str, str]]:
-    """(file, command) for every ``v2flow-rt`` command in the tracked Markdown files: lines of fenced or
-    indented code blocks, and inline code spans that start with ``v2flow-rt``."""
+    """(file, command) for every ``v2flow-rt`` command in the tracked Markdown files, once each: lines of
+    fenced or indented code blocks that start with ``v2flow-rt``, and inline code spans that do."""
     listed = subprocess.run(["git", "ls-files", "*.md"], cwd=ROOT, capture_output=True, text=True, check=True)
-    found = []
+    found: dict[tuple[str, str], None] = {}
     for name in listed.stdout.split():
         text = (ROOT / name).read_text()
         lines = [line for block in re.findall(r"```[a-z]*\n(.*?)```", text, re.S)
                  for line in block.replace("\\\n", " ").splitlines()]
         lines += [line for line in text.splitlines() if line.startswith("    ")]
-        commands = [line.strip() for line in lines if _PROGRAM.search(line)]
+        commands = [line.strip() for line in lines if line.strip().startswith("v2flow-rt ")]
         commands += [" ".join(span.split()) for span in re.findall(r"`(v2flow-rt\s[^`]+)`", text)]
-        found += [(name, c) for c in commands]
-    return found
+        found.update(((name, c), None) for c in commands)
+    return list(found)
 
 
 def _argv(command: str) -> list[str] | None:
     """The arguments after ``v2flow-rt`` up to a comment or a redirection, optional parts (``[--seed N]``)
     kept, one-letter placeholders (``--threads T``) as 1; None for a line that lists verbs
     (``v2flow-rt init|export|...``)."""
-    words = shlex.split(re.split(r"\s[#>]", command)[0])
-    words = words[words.index("v2flow-rt") + 1:]
+    words = shlex.split(re.split(r"\s[#>]", command)[0])[1:]
     if not words or "|" in words[0]:
         return None
     words = [w.strip("[]") for w in words]
